@@ -1,0 +1,162 @@
+"""Small models with random weights, built from the shared fixture configs shrunk.
+
+Each builder writes a complete model folder (config.json, model.safetensors,
+metadata.json, and the module file for custom models) and returns its path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Final
+
+import torch
+import transformers
+
+import wmtp
+
+FIXTURES: Final = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+REAL: Final = FIXTURES / "wmtp-v2-real"
+EXAMPLES: Final = Path(__file__).resolve().parents[1] / "examples"
+MODELS: Final = Path(__file__).resolve().parent / "models"
+MTP_MODULE: Final = EXAMPLES / "tiny-mtp" / "modeling.py"
+LLAMA_MODULE: Final = MODELS / "llama_mtp" / "modeling.py"
+
+GPT2_SHRINK: Final = {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 128}
+GPT2_SHRINK_ALL: Final = GPT2_SHRINK | {"n_positions": 64, "n_ctx": 64}
+TOKEN_IDS: Final = {"bos_token_id": 1, "eos_token_id": 2}
+DISTILBERT_SHRINK: Final = {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 2}
+DISTILBERT_SHRINK_ALL: Final = DISTILBERT_SHRINK | {
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+}
+LLAMA: Final = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+    "mtp_config": {"n_future_tokens": 3},
+    **TOKEN_IDS,
+}
+
+
+def fixture_config(model: str, **overrides: Any) -> dict[str, Any]:
+    """The real config.json of a shared fixture, with `overrides` applied."""
+    config: dict[str, Any] = json.loads((REAL / model / "config.json").read_text())
+    return config | TOKEN_IDS | overrides
+
+
+def import_file(path: Path) -> ModuleType:
+    """Import a module file the way a user's training code would."""
+    name = f"test_{path.parent.name.replace('-', '_')}_modeling"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def mtp_model(seed: int = 0) -> torch.nn.Module:
+    """DistilGPT2MTP from the `distilgpt2-mtp` fixture config, shrunk."""
+    config = transformers.GPT2Config.from_dict(fixture_config("distilgpt2-mtp", **GPT2_SHRINK_ALL))
+    torch.manual_seed(seed)
+    model: torch.nn.Module = import_file(MTP_MODULE).DistilGPT2MTP(config)
+    return model
+
+
+def llama_mtp_model(seed: int = 0) -> torch.nn.Module:
+    """LlamaMTP: a custom model with a non-persistent rotary buffer."""
+    config = transformers.LlamaConfig.from_dict(LLAMA)
+    torch.manual_seed(seed)
+    model: torch.nn.Module = import_file(LLAMA_MODULE).LlamaMTP(config)
+    return model
+
+
+def hf_model(auto: str, config: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """A transformers model built by the Auto class `auto` from a config dict."""
+    cfg = transformers.CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    torch.manual_seed(seed)
+    model: torch.nn.Module = getattr(transformers, auto).from_config(cfg)
+    return model
+
+
+def save_mtp(dest: Path, seed: int = 0) -> Path:
+    """The custom MTP base model."""
+    wmtp.save(
+        mtp_model(seed),
+        dest,
+        wmtp_type="base_model",
+        training_algorithm="mtp",
+        algorithm_compatibility=["baseline-mtp", "critic-wmtp", "rho1-wmtp"],
+    )
+    return dest
+
+
+def save_llama_mtp(dest: Path) -> Path:
+    """The custom Llama MTP model."""
+    wmtp.save(
+        llama_mtp_model(), dest, wmtp_type="base_model", algorithm_compatibility=["baseline-mtp"]
+    )
+    return dest
+
+
+def save_gpt2_reference(dest: Path) -> Path:
+    """A GPT-2 causal LM as reference model (fixture `distilgpt2`)."""
+    config = fixture_config("distilgpt2", **GPT2_SHRINK_ALL)
+    wmtp.save(
+        hf_model("AutoModelForCausalLM", config),
+        dest,
+        wmtp_type="reference_model",
+        algorithm_compatibility=["rho1-wmtp"],
+    )
+    return dest
+
+
+def save_gpt2_reward(dest: Path) -> Path:
+    """A GPT-2 as reward model (fixture `tiny-reward-model-gpt2`)."""
+    config = fixture_config("tiny-reward-model-gpt2", **GPT2_SHRINK_ALL)
+    wmtp.save(
+        hf_model("AutoModelForCausalLM", config, seed=1),
+        dest,
+        wmtp_type="reward_model",
+        algorithm_compatibility=["critic-wmtp"],
+    )
+    return dest
+
+
+def save_distilbert_reward(dest: Path) -> Path:
+    """A DistilBERT sequence classifier as reward model (fixture `tiny-reward-model`)."""
+    config = fixture_config("tiny-reward-model", **DISTILBERT_SHRINK_ALL)
+    wmtp.save(
+        hf_model("AutoModelForSequenceClassification", config),
+        dest,
+        wmtp_type="reward_model",
+        algorithm_compatibility=["critic-wmtp"],
+    )
+    return dest
+
+
+def with_real_metadata(src: Path, fixture: str, dest: Path) -> Path:
+    """A copy of model folder `src` whose metadata.json is the published fixture's, as is."""
+    shutil.copytree(src, dest)
+    shutil.copy(REAL / fixture / "metadata.json", dest / "metadata.json")
+    return dest
+
+
+def edit_metadata(folder: Path, **strategy: Any) -> Path:
+    """Set fields of `loading_strategy` in a folder's metadata.json."""
+    path = folder / "metadata.json"
+    data = json.loads(path.read_text())
+    data["loading_strategy"].update(strategy)
+    path.write_text(json.dumps(data, indent=2))
+    return folder

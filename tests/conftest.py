@@ -1,0 +1,38 @@
+"""Model folders built once per test session; tests that change one work on a copy."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests import builders
+
+Copy = Callable[[Path], Path]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every kind of model the loader serves, by name."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "mtp": builders.save_mtp(root / "mtp"),
+        "llama_mtp": builders.save_llama_mtp(root / "llama_mtp"),
+        "gpt2_reference": builders.save_gpt2_reference(root / "gpt2_reference"),
+        "gpt2_reward": builders.save_gpt2_reward(root / "gpt2_reward"),
+        "distilbert_reward": builders.save_distilbert_reward(root / "distilbert_reward"),
+    }
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Copy:
+    """A fresh copy of a model folder, safe to edit."""
+
+    def make(src: Path) -> Path:
+        dest = tmp_path / src.name
+        shutil.copytree(src, dest)
+        return dest
+
+    return make

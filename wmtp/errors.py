@@ -1,0 +1,33 @@
+"""The exceptions `wmtp` raises: one family under `WmtpError`.
+
+Each is also a built-in exception, so callers can catch either the family
+(`except wmtp.WmtpError`) or the built-in they already handle
+(`except FileNotFoundError`). Messages say what went wrong, where (URL, file,
+JSON path, key) and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class WmtpError(Exception):
+    """Base of every error `wmtp` raises on purpose."""
+
+
+class MetadataError(WmtpError, ValueError):
+    """`metadata.json` (or a file it names) says something that cannot be loaded."""
+
+
+class ModelFileError(WmtpError, FileNotFoundError):
+    """A file the metadata needs is not at the model's location."""
+
+
+class WeightsError(WmtpError, KeyError):
+    """The checkpoint's tensors do not fit the model: missing, unexpected or misshapen keys."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; this one is prose, so show it as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class NoCompatibleModelError(WmtpError, LookupError):
+    """`resolve` found no candidate that serves the requested algorithm."""

@@ -1,0 +1,195 @@
+"""Build a model without initialising its weights, then give it the checkpoint's tensors.
+
+Parameters are created on the meta device (no memory, no random init), while
+buffers are computed for real, so non-persistent buffers such as rotary
+`inv_freq` or `position_ids` hold their true values without being stored in
+the checkpoint. The checkpoint's tensors are then assigned, not copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from wmtp.compare import Groups, Shape
+from wmtp.errors import MetadataError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+# Module.register_parameter is patched process-wide while a model is built; one build at a time.
+_BUILD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _meta_parameters() -> Iterator[None]:
+    import torch
+
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    with _BUILD_LOCK:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_empty(construct: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Call `construct` with every new parameter placed on the meta device."""
+    with _meta_parameters():
+        return construct()
+
+
+def read_config(path: Path) -> PretrainedConfig:
+    """The transformers config of `config.json`, by its `model_type`.
+
+    Raises:
+        MetadataError: not JSON, no `model_type`, or a type transformers does not know.
+    """
+    from transformers import CONFIG_MAPPING
+
+    try:
+        data = msgspec.json.decode(path.read_bytes(), type=dict[str, Any])
+    except msgspec.MsgspecError as e:
+        raise MetadataError(f"{path}: not a JSON object: {e}") from None
+    model_type = str(data.get("model_type"))
+    if "model_type" not in data or model_type not in CONFIG_MAPPING:
+        raise MetadataError(
+            f"{path}: `$.model_type` is {data.get('model_type')!r}, which transformers does "
+            'not know; set it to the architecture the model builds on (e.g. "gpt2", "llama")'
+        )
+    config: PretrainedConfig = CONFIG_MAPPING[model_type].from_dict(data)
+    return config
+
+
+def import_module_file(path: Path) -> ModuleType:
+    """Import `path` as a module whose name is unique to the file's content.
+
+    Two models whose module files differ never share code, and the same file
+    is imported once.
+
+    Raises:
+        MetadataError: the module fails to import (the cause is chained).
+    """
+    code = path.read_bytes()
+    name = f"wmtp_custom_{hashlib.sha256(code).hexdigest()[:16]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None  # a .py path always has a loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before exec, as dataclasses and pickling look it up
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise MetadataError(f"{path}: importing the model's module failed: {e!r}") from e
+    return module
+
+
+def module_classes(module: ModuleType) -> list[str]:
+    """Names of the torch modules a module defines itself (not those it imports)."""
+    import torch
+
+    return sorted(
+        name
+        for name, obj in vars(module).items()
+        if isinstance(obj, type)
+        and issubclass(obj, torch.nn.Module)
+        and obj.__module__ == module.__name__
+    )
+
+
+def auto_class_names() -> list[str]:
+    """Names of the transformers Auto classes that build models."""
+    import transformers
+
+    return sorted(n for n in dir(transformers) if n.startswith("AutoModel"))
+
+
+def auto_class(name: str, source: str) -> Any:
+    """The transformers Auto class called `name`.
+
+    Raises:
+        MetadataError: not an Auto model class; the message lists the valid ones.
+    """
+    import transformers
+
+    names = auto_class_names()
+    if name not in names:
+        raise MetadataError(
+            f"{source}: `$.loading_strategy.transformers_class` {name!r} is not a "
+            f"transformers Auto model class; use one of: {', '.join(names)}"
+        )
+    return getattr(transformers, name)
+
+
+def auto_class_for(architecture: str, model_type: str) -> str | None:
+    """The Auto class that builds `architecture` for `model_type`, if one does."""
+    import transformers
+
+    for name in auto_class_names():
+        # _model_mapping._model_mapping maps model_type -> class name(s) without importing them.
+        names = getattr(
+            getattr(getattr(transformers, name), "_model_mapping", None), "_model_mapping", {}
+        )
+        built = names.get(model_type)
+        if built == architecture or (isinstance(built, tuple | list) and architecture in built):
+            return name
+    return None
+
+
+def state_shapes(model: torch.nn.Module) -> tuple[dict[str, Shape], Groups]:
+    """The model's checkpoint keys with shapes, and its groups of tied names."""
+    state = model.state_dict(keep_vars=True)
+    by_tensor: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        by_tensor.setdefault(id(tensor), []).append(key)
+    return {k: tuple(t.shape) for k, t in state.items()}, [tuple(g) for g in by_tensor.values()]
+
+
+def assign(
+    model: torch.nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    groups: Groups,
+    dtype: torch.dtype | None,
+) -> None:
+    """Give every tied group of `model` its checkpoint tensor (cast to `dtype` if floating)."""
+    import torch
+
+    for group in groups:
+        tensor = tensors[next(name for name in group if name in tensors)]
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        owner, _, attr = group[0].rpartition(".")
+        old = model.get_submodule(owner)._parameters.get(attr)
+        new: torch.Tensor = (
+            torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+            if old is not None
+            else tensor
+        )
+        for name in group:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, new)
+
+
+def meta_leftovers(model: torch.nn.Module) -> list[str]:
+    """Names of parameters and buffers still on the meta device."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return sorted(name for name, t in named if t.is_meta)

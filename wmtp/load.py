@@ -1,0 +1,107 @@
+"""`load(location)`: the whole data flow in one place.
+
+metadata.json --decode--> Metadata --LOADERS[loader_type]--> fetch -> build empty
+    -> read tensors (mapped) -> remap_state_dict -> compare (strict) -> assign
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from wmtp.errors import MetadataError, ModelFileError
+from wmtp.fetch import StorageOptions, read_file
+from wmtp.loaders import LOADERS, LoadOptions
+from wmtp.metadata import EXAMPLE_STRATEGY, Metadata, decode_metadata
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES: Final = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float64": "float64",
+    "fp64": "float64",
+    "double": "float64",
+}
+
+
+def read_metadata(location: str, *, storage_options: StorageOptions | None = None) -> Metadata:
+    """The decoded `metadata.json` of the model at `location`.
+
+    Raises:
+        ModelFileError: the location or its metadata.json does not exist.
+        MetadataError: the file does not decode or validate (see `decode_metadata`).
+
+    Example:
+        >>> read_metadata("examples/tiny-mtp").algorithm_compatibility
+        ('baseline-mtp', 'critic-wmtp', 'rho1-wmtp')
+    """
+    source = f"{location.rstrip('/')}/metadata.json"
+    try:
+        data = read_file(location, "metadata.json", storage_options)
+    except ModelFileError as e:
+        raise ModelFileError(
+            f"{e}: every model folder needs a metadata.json that says how to load it, e.g.\n"
+            f'{{\n  "wmtp_type": "reference_model",\n  "storage_version": "2.0",\n'
+            f"{EXAMPLE_STRATEGY}\n}}"
+        ) from None
+    return decode_metadata(data, source=source)
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A `torch.dtype` from itself or a name such as "bfloat16", "bf16", "fp32".
+
+    Raises:
+        MetadataError: an unknown name; the message lists the known ones.
+    """
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    import torch
+
+    name = DTYPE_NAMES.get(dtype.lower().removeprefix("torch."))
+    if name is None:
+        raise MetadataError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
+    result: torch.dtype = getattr(torch, name)
+    return result
+
+
+def load(
+    location: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    storage_options: StorageOptions | None = None,
+) -> torch.nn.Module:
+    """Load the model at `location` exactly as its `metadata.json` says, in eval mode.
+
+    Weights are mapped from the safetensors files, not copied; every key is
+    checked against the model before any is assigned.
+
+    Args:
+        location: the model folder (a path or `file://` URL).
+        dtype: cast floating tensors to this (`torch.bfloat16` or "bf16", ...);
+            None keeps the checkpoint's dtype.
+        device: where to place the model; None leaves it on the CPU.
+        storage_options: obstore configuration for remote locations.
+
+    Raises:
+        ModelFileError: the folder, its metadata.json or a required file is missing.
+        MetadataError: the metadata is invalid, names a class that does not exist,
+            or the model's module fails to import.
+        WeightsError: the checkpoint's keys or shapes do not fit the model.
+
+    Example:
+        >>> model = wmtp.load("examples/tiny-mtp", dtype="bf16")
+        >>> type(model).__name__
+        'DistilGPT2MTP'
+    """
+    meta = read_metadata(location, storage_options=storage_options)
+    options = LoadOptions(dtype=parse_dtype(dtype), storage_options=storage_options)
+    model = LOADERS[meta.loading_strategy.loader_type](location, meta, options)
+    return model if device is None else model.to(device)

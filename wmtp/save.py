@@ -1,0 +1,100 @@
+"""`save(model, dest)`: write a model folder that `load` reads back tensor for tensor."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wmtp.errors import MetadataError
+from wmtp.instantiate import auto_class_for
+from wmtp.metadata import LoadingStrategy, Metadata, WmtpType, encode_metadata
+
+if TYPE_CHECKING:
+    import torch
+
+
+def save(
+    model: torch.nn.Module,
+    dest: str | os.PathLike[str],
+    *,
+    wmtp_type: WmtpType,
+    algorithm_compatibility: Sequence[str],
+    training_algorithm: str | None = None,
+    base_architecture: str | None = None,
+    transformers_class: str | None = None,
+) -> Metadata:
+    """Write `config.json`, `model.safetensors` (tied weights once), the model's module
+    file for a custom model, and `metadata.json` (last) into `dest`.
+
+    A model whose class comes from transformers is saved for the `huggingface`
+    loader (with `transformers_class` found from its architecture unless given);
+    any other class for `custom_mtp`, with the file that defines it.
+
+    Args:
+        model: the model; it must carry a transformers config as `model.config`.
+        dest: the folder to write (created if needed).
+        wmtp_type, algorithm_compatibility, training_algorithm, base_architecture:
+            written into the metadata as given.
+        transformers_class: the Auto class for a transformers model.
+
+    Raises:
+        MetadataError: the model has no `config`, or no Auto class builds it.
+
+    Example:
+        >>> save(model, "out/mtp", wmtp_type="base_model", algorithm_compatibility=["baseline-mtp"])
+    """
+    from safetensors.torch import save_model
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise MetadataError(
+            f"{type(model).__name__} has no transformers `config` attribute to save"
+        )
+    cls = type(model)
+    config = copy.deepcopy(config)
+    config.architectures = [cls.__name__]
+    folder = Path(dest)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = ["config.json", "model.safetensors"]
+    if cls.__module__.startswith("transformers."):
+        auto = transformers_class or auto_class_for(cls.__name__, config.model_type)
+        if auto is None:
+            raise MetadataError(f"no transformers Auto class builds {cls.__name__}; pass one")
+        strategy = LoadingStrategy(
+            loader_type="huggingface", transformers_class=auto, required_files=tuple(files)
+        )
+    else:
+        module_file = Path(inspect.getfile(cls))
+        _write(folder / module_file.name, module_file.read_bytes())
+        strategy = LoadingStrategy(
+            loader_type="custom_mtp",
+            model_class_name=cls.__name__,
+            custom_module_file=module_file.name,
+            required_files=(*files, module_file.name),
+        )
+    _write(folder / "config.json", config.to_json_string().encode())
+    tmp = folder / f".model.safetensors.{os.getpid()}.tmp"
+    save_model(model, str(tmp))
+    tmp.chmod(0o644)  # safetensors creates it private; a model folder is meant to be shared
+    tmp.replace(folder / "model.safetensors")
+    meta = Metadata(
+        wmtp_type=wmtp_type,
+        storage_version="2.0",
+        loading_strategy=strategy,
+        algorithm_compatibility=tuple(algorithm_compatibility),
+        training_algorithm=training_algorithm,
+        base_architecture=base_architecture or config.model_type,
+    )
+    _write(folder / "metadata.json", encode_metadata(meta))
+    return meta
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write through a temporary name, so `path` is never seen half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
