@@ -6,7 +6,9 @@ model built on the meta device.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import msgspec
@@ -54,49 +56,54 @@ def prefix_hints(
     expected: Mapping[str, Shape],
     groups: Groups,
 ) -> list[str]:
-    """Changes to `state_dict_mapping` under which the checkpoint fits the model exactly."""
+    """The simplest change to `state_dict_mapping` under which the checkpoint fits exactly
+    (tried, not guessed), as a sentence; empty when no single change does."""
     current = compare(expected, groups, _remapped(checkpoint, mapping) or {})
-    unexpected, missing = current.unexpected, current.missing
+    n, replace = len(current.unexpected), msgspec.structs.replace
     tries: list[tuple[str, StateDictMapping]] = []
     if mapping.remove_prefix:
         tries.append(
             (
-                f"remove_prefix {mapping.remove_prefix!r} makes {len(unexpected)} keys "
-                "unexpected; the checkpoint keys already match without it: "
-                "set remove_prefix to null",
-                msgspec.structs.replace(mapping, remove_prefix=None),
+                f"remove_prefix {mapping.remove_prefix!r} makes {n} keys unexpected; the "
+                "checkpoint keys already match without it: set remove_prefix to null",
+                replace(mapping, remove_prefix=None),
             )
         )
     if mapping.add_prefix:
         tries.append(
             (
-                f"add_prefix {mapping.add_prefix!r} makes {len(unexpected)} keys unexpected; "
+                f"add_prefix {mapping.add_prefix!r} makes {n} keys unexpected: "
                 "set add_prefix to null",
-                msgspec.structs.replace(mapping, add_prefix=None),
+                replace(mapping, add_prefix=None),
             )
         )
-    if unexpected and (cut := _common_prefix(unexpected)):
-        tries.append(
-            (
-                f"all {len(unexpected)} unexpected keys start with {cut!r}, which the model's "
-                f"keys lack: set remove_prefix to {(mapping.remove_prefix or '') + cut!r}",
-                msgspec.structs.replace(mapping, remove_prefix=(mapping.remove_prefix or "") + cut),
+    elif current.unexpected:
+        if cut := _common_prefix(current.unexpected):
+            new = (mapping.remove_prefix or "") + cut
+            tries.append(
+                (
+                    f"all {n} unexpected keys start with {cut!r}, which the model's keys lack: "
+                    f"set remove_prefix to {new!r}",
+                    replace(mapping, remove_prefix=new),
+                )
             )
-        )
-    if missing and (add := _common_prefix(missing)):
-        tries.append(
-            (
-                f"all {len(unexpected)} unexpected keys lack the prefix {add!r} that the "
-                f"model expects: set add_prefix to {add + (mapping.add_prefix or '')!r}",
-                msgspec.structs.replace(mapping, add_prefix=add + (mapping.add_prefix or "")),
+        if add := _common_prefix(current.missing):
+            lack = f"all {n} unexpected keys lack the prefix {add!r} that the model expects"
+            tries.append((f"{lack}: set add_prefix to {add!r}", replace(mapping, add_prefix=add)))
+            # When some keys already fit (a tied head, say), prefix only the others.
+            heads = "|".join(sorted({re.escape(k.split(".")[0]) for k in current.unexpected}))
+            rule = {f"((?:{heads})\\..*)": add + "\\1"}
+            tries.append(
+                (
+                    f"{lack}: add it to them with key_transforms {json.dumps(rule)}",
+                    replace(mapping, key_transforms=rule | mapping.key_transforms),
+                )
             )
-        )
-    return [
-        hint
-        for hint, alternative in tries
-        if (fixed := _remapped(checkpoint, alternative)) is not None
-        and fits(compare(expected, groups, fixed))
-    ]
+    for hint, alternative in tries:
+        fixed = _remapped(checkpoint, alternative)
+        if fixed is not None and fits(compare(expected, groups, fixed)):
+            return [hint]
+    return []
 
 
 def _remapped(

@@ -127,6 +127,8 @@ def _explain(message: str, source: str) -> str:
             "with loader_type `custom_mtp` (plus model_class_name and custom_module_file) "
             "for a model defined in the folder's own module."
         )
+    if " - at `" not in message:
+        message += " - at `$`"  # msgspec leaves out the path when it is the root object
     hint = ""
     if message.startswith("Invalid enum value") and (m := re.search(r"at `(\$[^`]*)`", message)):
         hint = f"; expected one of {', '.join(map(repr, _CHOICES.get(m.group(1), ())))}"
