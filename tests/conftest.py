@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import builders
+from tests.s3server import S3Server, start_gateway, stop_gateway
 
 Copy = Callable[[Path], Path]
 
@@ -36,3 +37,13 @@ def copy(tmp_path: Path) -> Copy:
         return dest
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (JuiceFS gateway) on 127.0.0.1, for the whole session."""
+    server = start_gateway(tmp_path_factory.mktemp("s3gateway"))
+    try:
+        yield server
+    finally:
+        stop_gateway(server)

@@ -47,6 +47,8 @@ import msgspec
 import obstore
 from obstore.store import S3Store
 
+from wmtp.store import CLIENT_KEYS
+
 __all__ = [
     "CLIENT_OPTION_KEYS",
     "S3Server",
@@ -73,30 +75,7 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
 # Keys of obstore's ClientConfig: these belong in ``client_options``, not in the S3 ``config``.
-CLIENT_OPTION_KEYS = frozenset(
-    {
-        "allow_http",
-        "allow_invalid_certificates",
-        "connect_timeout",
-        "default_content_type",
-        "default_headers",
-        "http1_only",
-        "http2_keep_alive_interval",
-        "http2_keep_alive_timeout",
-        "http2_keep_alive_while_idle",
-        "http2_only",
-        "pool_idle_timeout",
-        "pool_max_idle_per_host",
-        "proxy_ca_certificate",
-        "proxy_excludes",
-        "proxy_url",
-        "randomize_addresses",
-        "read_timeout",
-        "root_certificate",
-        "timeout",
-        "user_agent",
-    }
-)
+CLIENT_OPTION_KEYS = CLIENT_KEYS
 
 # Paths the gateway itself reads and writes inside the volume (IAM config, temp files, ...).
 _INTERNAL_PREFIXES = ("/.sys/", "/.minio.sys/", ".minio.sys/", "/.trash/")

@@ -19,20 +19,9 @@ from tests.s3server import (
     get_request_count,
     make_store,
     split_storage_options,
-    start_gateway,
-    stop_gateway,
     storage_options,
     upload_folder,
 )
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = start_gateway(tmp_path_factory.mktemp("s3gateway"))
-    try:
-        yield server
-    finally:
-        stop_gateway(server)
 
 
 @pytest.fixture

@@ -8,12 +8,16 @@ torch and transformers are imported only when a model is loaded.
 """
 
 from wmtp.errors import (
+    FetchError,
     MetadataError,
     ModelFileError,
     NoCompatibleModelError,
+    StoreAccessError,
+    UntrustedCodeError,
     WeightsError,
     WmtpError,
 )
+from wmtp.fetch import cache_root
 from wmtp.load import load, read_metadata
 from wmtp.loaders import LOADERS
 from wmtp.metadata import LoadingStrategy, Metadata, StateDictMapping, decode_metadata
@@ -23,14 +27,18 @@ from wmtp.save import save
 
 __all__ = [
     "LOADERS",
+    "FetchError",
     "LoadingStrategy",
     "Metadata",
     "MetadataError",
     "ModelFileError",
     "NoCompatibleModelError",
     "StateDictMapping",
+    "StoreAccessError",
+    "UntrustedCodeError",
     "WeightsError",
     "WmtpError",
+    "cache_root",
     "decode_metadata",
     "load",
     "read_metadata",

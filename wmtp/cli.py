@@ -19,10 +19,36 @@ from wmtp.errors import WmtpError
 Run = Callable[[argparse.Namespace], dict[str, Any]]
 
 
+class UsageError(WmtpError, ValueError):
+    """A command-line argument is malformed (exit code 2)."""
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-o",
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="obstore option for remote locations (wins over the environment), e.g. "
+        "-o endpoint=http://127.0.0.1:9000 -o allow_http=true",
+    )
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, str] | None:
+    pairs = [item.partition("=") for item in args.storage_option]
+    if bad := [key for key, eq, _ in pairs if not eq]:
+        raise UsageError(f"--storage-option {bad[0]!r} is not KEY=VALUE")
+    return {key: value for key, _, value in pairs} or None
+
+
 def _load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("location", help="model folder or URL")
+    p.add_argument("location", help="model folder or URL (s3://bucket/prefix, ...)")
     p.add_argument("--dtype", help="cast floating weights, e.g. bf16, fp16, fp32")
     p.add_argument("--device", help="place the model, e.g. cpu, cuda:0")
+    p.add_argument("--trust-code", action="store_true", help="run a remote model's own module")
+    p.add_argument("--cache-dir", help="where remote files are cached (default ~/.cache/wmtp)")
+    _store_args(p)
 
 
 def _load(args: argparse.Namespace) -> dict[str, Any]:
@@ -31,7 +57,14 @@ def _load(args: argparse.Namespace) -> dict[str, Any]:
     import wmtp
 
     start = time.perf_counter()
-    model = wmtp.load(args.location, dtype=args.dtype, device=args.device)
+    model = wmtp.load(
+        args.location,
+        dtype=args.dtype,
+        device=args.device,
+        storage_options=_storage_options(args),
+        trust_code=args.trust_code,
+        cache_dir=args.cache_dir,
+    )
     seconds = time.perf_counter() - start
     params = list(model.parameters())
     return {
@@ -50,12 +83,15 @@ def _resolve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("algo", help="training algorithm, e.g. critic-wmtp")
     p.add_argument("locations", nargs="+", help="candidate model folders or URLs, in order")
     p.add_argument("--role", help="also require this wmtp_type, e.g. reward_model")
+    _store_args(p)
 
 
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     import wmtp
 
-    return {"algo": args.algo, "location": wmtp.resolve(args.algo, args.locations, role=args.role)}
+    options = _storage_options(args)
+    chosen = wmtp.resolve(args.algo, args.locations, role=args.role, storage_options=options)
+    return {"algo": args.algo, "location": chosen}
 
 
 COMMANDS: Final[Mapping[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], Run]]] = {
@@ -110,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = COMMANDS[args.command][3]
     try:
         result = run(args)
+    except UsageError as e:
+        print(f"wmtp {args.command}: {e}", file=sys.stderr)
+        return 2
     except WmtpError as e:
         if args.json:
             print(json.dumps({"error": type(e).__name__, "message": str(e)}))

@@ -31,3 +31,15 @@ class WeightsError(WmtpError, KeyError):
 
 class NoCompatibleModelError(WmtpError, LookupError):
     """`resolve` found no candidate that serves the requested algorithm."""
+
+
+class FetchError(WmtpError, ConnectionError):
+    """A remote store could not be reached or stopped answering; retries were spent."""
+
+
+class StoreAccessError(WmtpError, PermissionError):
+    """The store refused the credentials (a wrong secret is not retried)."""
+
+
+class UntrustedCodeError(WmtpError, PermissionError):
+    """A model's own Python module comes from a remote store and was not trusted."""

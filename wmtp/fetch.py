@@ -1,62 +1,64 @@
-"""One way to reach a model's files, wherever they are: obstore.
+"""`fetch`: local paths of a model's files, downloading remote ones into a crash-safe cache.
 
-A location is a local folder, a `file://` URL, or any URL obstore's
-`from_url` understands (`s3://`, `gs://`, `az://`, `https://`). The loaders
-never ask which: they get local paths from `fetch`.
+A local folder's files are used where they are. A remote file is downloaded
+once per version: `<cache>/<location>/<version>/<name>`, where the version is
+the object's ETag (or version id). Large files come in ranged GETs of
+`PART_SIZE`, `PARALLEL` in flight, each pinned to the ETag with If-Match so a
+file replaced mid-download is never mixed, written in place into a
+process-unique temporary file that is fsynced and renamed only when complete.
+A lock per file makes concurrent processes download it once; correctness
+never depends on the lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import fcntl
+import hashlib
+import os
+import re
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
-from urllib.parse import unquote, urlparse
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import obstore
-from obstore.store import LocalStore, ObjectStore, from_url
-
-from wmtp.errors import ModelFileError
+from obstore.store import ObjectStore
 
 if TYPE_CHECKING:
-    from obstore.store import S3Config
+    from obstore import GetOptions
 
-StorageOptions = Mapping[str, str]
+from wmtp.errors import FetchError, ModelFileError
+from wmtp.store import StorageOptions, join, local_root, open_store, translate
 
-
-def local_root(location: str) -> Path | None:
-    """The folder of a local location (a path or `file://` URL), else None."""
-    if "://" not in location:
-        return Path(location).expanduser().absolute()
-    url = urlparse(location)
-    return Path(unquote(url.path)) if url.scheme == "file" else None
+PART_SIZE: Final = 16 * 2**20
+PARALLEL: Final = 8
+T = TypeVar("T")
 
 
-def open_store(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
-    """The obstore store rooted at `location`.
-
-    Raises:
-        ModelFileError: a local folder that does not exist.
-    """
-    root = local_root(location)
-    if root is None:
-        config = cast("S3Config", dict(storage_options or {}))  # keys are checked by obstore
-        return from_url(location.rstrip("/"), config=config)
-    if not root.is_dir():
-        raise ModelFileError(f"model folder {str(root)!r} does not exist or is not a folder")
-    return LocalStore(root)
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where downloads go: `cache_dir`, else `$WMTP_CACHE_DIR`, else `$XDG_CACHE_HOME/wmtp`,
+    else `~/.cache/wmtp`. Deleting it is always safe between loads."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if env := os.environ.get("WMTP_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wmtp"
 
 
 def read_file(location: str, name: str, storage_options: StorageOptions | None = None) -> bytes:
-    """The bytes of file `name` at `location` (small files: metadata, config).
+    """The bytes of a small file (metadata, config) at `location`, never cached.
 
     Raises:
         ModelFileError: no such file there.
+        StoreAccessError, FetchError: the store refused or could not be reached.
     """
     store = open_store(location, storage_options)
-    try:
+    with translate(join(location, name)):
         return bytes(obstore.get(store, name).bytes())
-    except FileNotFoundError:
-        raise ModelFileError(f"{_join(location, name)} does not exist") from None
 
 
 def fetch(
@@ -64,42 +66,178 @@ def fetch(
     files: Sequence[str],
     *,
     storage_options: StorageOptions | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Path]:
-    """Local paths of `files` at `location`, downloading them first if the location is remote.
+    """Local paths of `files` at `location`, downloading the remote ones first.
 
     Args:
-        location: model folder or URL.
+        location: model folder or URL (`s3://bucket/prefix`, ...).
         files: names relative to it (the metadata's `required_files`).
-        storage_options: obstore configuration for a remote store; wins over
-            the environment.
+        storage_options: obstore configuration; wins over the environment.
+        cache_dir: where downloads go (see `cache_root`).
+        progress: a progress bar on stderr; None shows one when stderr is a terminal.
 
     Raises:
-        ModelFileError: a file is missing (named with its location).
+        ModelFileError: files are missing (all named, with the location).
+        StoreAccessError: the credentials were refused.
+        FetchError: the store failed after bounded retries, or a file changed mid-download.
 
     Example:
-        >>> fetch("models/tiny-mtp", ["config.json"])
-        {'config.json': PosixPath('/…/models/tiny-mtp/config.json')}
+        >>> fetch("s3://models/tiny-mtp", ["config.json", "model.safetensors"])
+        {'config.json': PosixPath('/root/.cache/wmtp/s3_models_tiny-mtp-1c2d…/…/config.json'), …}
     """
     store = open_store(location, storage_options)
     root = local_root(location)
-    missing = [name for name in files if not _exists(store, name)]
+    folder = None if root else cache_root(cache_dir) / _slug(location, storage_options)
+    return _run(_fetch(store, location, files, root, folder, progress))
+
+
+async def _fetch(
+    store: ObjectStore,
+    location: str,
+    files: Sequence[str],
+    root: Path | None,
+    folder: Path | None,
+    progress: bool | None,
+) -> dict[str, Path]:
+    heads = await asyncio.gather(*(_head(store, location, name) for name in files))
+    missing = [name for name, head in zip(files, heads, strict=True) if head is None]
     if missing:
         raise ModelFileError(
             f"required file(s) {', '.join(map(repr, missing))} not found at {location}; "
             "add them there, or remove them from loading_strategy.required_files"
         )
-    if root is None:
-        raise ModelFileError(f"{location}: remote locations are not supported yet")
-    return {name: root / name for name in files}
+    if root is not None or folder is None:
+        return {name: (root or Path()) / name for name in files}
+    found = {name: head for name, head in zip(files, heads, strict=True) if head is not None}
+    targets = {name: folder / _version(head) / name for name, head in found.items()}
+    todo = [name for name in files if not _complete(targets[name], found[name]["size"])]
+    with _progress(sum(found[n]["size"] for n in todo), progress) as advance:
+        limit = asyncio.Semaphore(PARALLEL)
+        await asyncio.gather(
+            *(_download(store, location, n, found[n], targets[n], limit, advance) for n in todo)
+        )
+    return targets
 
 
-def _exists(store: ObjectStore, name: str) -> bool:
+async def _head(store: ObjectStore, location: str, name: str) -> Mapping[str, Any] | None:
     try:
-        obstore.head(store, name)
+        with translate(join(location, name)):
+            head: Mapping[str, Any] = await obstore.head_async(store, name)
+            return head
+    except ModelFileError:
+        return None
+
+
+async def _download(
+    store: ObjectStore,
+    location: str,
+    name: str,
+    head: Mapping[str, Any],
+    dest: Path,
+    limit: asyncio.Semaphore,
+    advance: Callable[[int], object],
+) -> None:
+    url, size, etag = join(location, name), int(head["size"]), head.get("e_tag")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    async with _locked(dest):
+        if _complete(dest, size):  # another process finished it while we waited
+            return
+        for stale in dest.parent.glob(f".{dest.name}.*.part"):  # left by a killed process
+            stale.unlink(missing_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.ftruncate(fd, size)
+
+            async def part(start: int, end: int) -> None:
+                # If-Match pins every part to the version HEAD saw: a replaced object fails.
+                options: GetOptions = {"range": (start, end)}
+                if etag:
+                    options["if_match"] = etag
+                async with limit:
+                    with translate(url):
+                        got = await obstore.get_async(store, name, options=options)
+                        data = await got.bytes_async()
+                if len(data) != end - start:
+                    raise FetchError(f"{url}: {len(data)} bytes at {start}, not {end - start}")
+                os.pwrite(fd, data, start)
+                advance(len(data))
+
+            ends = [(s, min(s + PART_SIZE, size)) for s in range(0, size, PART_SIZE)]
+            await asyncio.gather(*(part(start, end) for start, end in ends))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        if (got := tmp.stat().st_size) != size:
+            tmp.unlink(missing_ok=True)
+            raise FetchError(f"{url}: downloaded {got} bytes, the object has {size}")
+        tmp.replace(dest)
+        _fsync_dir(dest.parent)
+
+
+def _complete(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
     except FileNotFoundError:
         return False
-    return True
 
 
-def _join(location: str, name: str) -> str:
-    return f"{location.rstrip('/')}/{name}"
+def _version(head: Mapping[str, Any]) -> str:
+    """A folder name for this version of an object: from its ETag, version id, or mtime+size."""
+    tag = head.get("e_tag") or head.get("version") or f"{head['last_modified']}-{head['size']}"
+    return hashlib.sha256(str(tag).encode()).hexdigest()[:20]
+
+
+def _slug(location: str, storage_options: StorageOptions | None) -> str:
+    """A readable, unique folder name for a location (the endpoint is part of its identity)."""
+    options = storage_options or {}
+    endpoint = options.get("endpoint") or options.get("aws_endpoint") or ""
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT", "")
+    digest = hashlib.sha256(f"{endpoint}|{location.rstrip('/')}".encode()).hexdigest()[:10]
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', location.rstrip('/'))[:80]}-{digest}"
+
+
+@contextmanager
+def _progress(total: int, progress: bool | None) -> Iterator[Callable[[int], object]]:
+    """A function to call with each chunk's size: a tqdm bar's update, or nothing."""
+    if not (progress if progress is not None else sys.stderr.isatty()) or total == 0:
+        yield lambda _: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="wmtp") as bar:
+        yield bar.update
+
+
+@asynccontextmanager
+async def _locked(dest: Path) -> AsyncIterator[None]:
+    """Hold an exclusive lock on `dest`'s lock file (closing the file releases it)."""
+    fd = os.open(dest.with_name(f".{dest.name}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion, also from code already inside an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -6,12 +6,14 @@ metadata.json --decode--> Metadata --LOADERS[loader_type]--> fetch -> build empt
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Final
 
 from wmtp.errors import MetadataError, ModelFileError
-from wmtp.fetch import StorageOptions, read_file
+from wmtp.fetch import read_file
 from wmtp.loaders import LOADERS, LoadOptions
 from wmtp.metadata import EXAMPLE_STRATEGY, Metadata, decode_metadata
+from wmtp.store import StorageOptions, join
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +44,7 @@ def read_metadata(location: str, *, storage_options: StorageOptions | None = Non
         >>> read_metadata("examples/tiny-mtp").algorithm_compatibility
         ('baseline-mtp', 'critic-wmtp', 'rho1-wmtp')
     """
-    source = f"{location.rstrip('/')}/metadata.json"
+    source = join(location, "metadata.json")
     try:
         data = read_file(location, "metadata.json", storage_options)
     except ModelFileError as e:
@@ -77,6 +79,9 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     storage_options: StorageOptions | None = None,
+    trust_code: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
 ) -> torch.nn.Module:
     """Load the model at `location` exactly as its `metadata.json` says, in eval mode.
 
@@ -84,14 +89,24 @@ def load(
     checked against the model before any is assigned.
 
     Args:
-        location: the model folder (a path or `file://` URL).
+        location: the model folder: a path, or a URL (`file://`, `s3://`, `gs://`,
+            `az://`, `https://`).
         dtype: cast floating tensors to this (`torch.bfloat16` or "bf16", ...);
             None keeps the checkpoint's dtype.
         device: where to place the model; None leaves it on the CPU.
-        storage_options: obstore configuration for remote locations.
+        storage_options: obstore configuration for remote locations (wins over the
+            environment): `endpoint`, `region`, `access_key_id`, `allow_http`, ...
+        trust_code: allow the model's own module (`custom_module_file`) to run when it
+            comes from a remote store. Code in a local folder is the user's and runs.
+        cache_dir: where remote files are cached (default `$WMTP_CACHE_DIR` or
+            `~/.cache/wmtp`).
+        progress: show a download progress bar; None shows one when stderr is a terminal.
 
     Raises:
         ModelFileError: the folder, its metadata.json or a required file is missing.
+        UntrustedCodeError: remote custom code without `trust_code=True`.
+        StoreAccessError: the store refused the credentials.
+        FetchError: the store could not be reached, within bounded retries.
         MetadataError: the metadata is invalid, names a class that does not exist,
             or the model's module fails to import.
         WeightsError: the checkpoint's keys or shapes do not fit the model.
@@ -102,6 +117,12 @@ def load(
         'DistilGPT2MTP'
     """
     meta = read_metadata(location, storage_options=storage_options)
-    options = LoadOptions(dtype=parse_dtype(dtype), storage_options=storage_options)
+    options = LoadOptions(
+        dtype=parse_dtype(dtype),
+        storage_options=storage_options,
+        trust_code=trust_code,
+        cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+        progress=progress,
+    )
     model = LOADERS[meta.loading_strategy.loader_type](location, meta, options)
     return model if device is None else model.to(device)

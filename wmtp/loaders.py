@@ -6,15 +6,15 @@ model is only metadata.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from wmtp.compare import compare, describe, fits, prefix_hints
-from wmtp.errors import MetadataError, WeightsError
-from wmtp.fetch import StorageOptions, fetch
+from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
+from wmtp.fetch import fetch
 from wmtp.instantiate import (
     assign,
     auto_class,
@@ -28,6 +28,7 @@ from wmtp.instantiate import (
 )
 from wmtp.metadata import LoaderType, LoadingStrategy, Metadata
 from wmtp.remap import remap_state_dict
+from wmtp.store import StorageOptions, join, local_root
 from wmtp.weights import INDEX_SUFFIX, read_tensors, shapes, shard_names, weight_names
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
 
     dtype: torch.dtype | None = None
     storage_options: StorageOptions | None = None
+    trust_code: bool = False
+    cache_dir: str | None = None
+    progress: bool | None = None
 
 
 Loader = Callable[[str, Metadata, LoadOptions], "torch.nn.Module"]
@@ -48,9 +52,14 @@ Loader = Callable[[str, Metadata, LoadOptions], "torch.nn.Module"]
 def load_custom_mtp(location: str, meta: Metadata, options: LoadOptions) -> torch.nn.Module:
     """A model whose class is defined in the folder's own module (`custom_module_file`)."""
     strategy, source = meta.loading_strategy, _source(location)
+    module_file = strategy.custom_module_file or ""  # required by the schema for this loader
+    if local_root(location) is None and not options.trust_code:
+        raise UntrustedCodeError(
+            f"{join(location, module_file)} would run as Python code on this machine; "
+            "pass trust_code=True (wmtp CLI: --trust-code) if you trust whoever can write there"
+        )
     files = model_files(location, strategy, options)
     config = read_config(files["config.json"])
-    module_file = strategy.custom_module_file or ""  # required by the schema for this loader
     module = import_module_file(files[module_file])
     name = strategy.model_class_name or ""
     cls: Any = getattr(module, name, None)
@@ -94,10 +103,20 @@ def model_files(location: str, strategy: LoadingStrategy, options: LoadOptions) 
         raise MetadataError(
             f"{_source(location)}: `$.loading_strategy.required_files` must list config.json"
         )
-    files = fetch(location, strategy.required_files, storage_options=options.storage_options)
+
+    def get(names: Sequence[str]) -> dict[str, Path]:
+        return fetch(
+            location,
+            names,
+            storage_options=options.storage_options,
+            cache_dir=options.cache_dir,
+            progress=options.progress,
+        )
+
+    files = get(strategy.required_files)
     indexes = [n for n in strategy.required_files if n.endswith(INDEX_SUFFIX)]
     shards = [s for n in indexes for s in shard_names(files[n])]
-    return files | fetch(location, shards, storage_options=options.storage_options)
+    return files | get(shards) if shards else files
 
 
 def checkpoint_paths(
@@ -163,4 +182,4 @@ def _architecture_hint(config: PretrainedConfig | None, model: torch.nn.Module) 
 
 
 def _source(location: str) -> str:
-    return f"{location.rstrip('/')}/metadata.json"
+    return join(location, "metadata.json")

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import get_args
 
 from wmtp.errors import MetadataError, NoCompatibleModelError, WmtpError
-from wmtp.fetch import StorageOptions
 from wmtp.load import read_metadata
 from wmtp.metadata import Metadata, WmtpType
+from wmtp.store import StorageOptions
 
 
 def resolve(

@@ -1,0 +1,144 @@
+"""Locations and the obstore stores behind them, configured once, errors translated once.
+
+A location is a local folder, a `file://` URL, or any URL obstore's `from_url`
+understands (`s3://`, `gs://`, `az://`, `http(s)://`). Configuration comes from
+the environment variables obstore reads (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ALLOW_HTTP`, ...) and from an
+explicit `storage_options` mapping, which wins.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, cast
+from urllib.parse import unquote, urlparse
+
+from obstore.store import LocalStore, ObjectStore, from_url
+
+from wmtp.errors import FetchError, ModelFileError, StoreAccessError
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config
+
+StorageOptions = Mapping[str, str]
+
+# obstore's HTTP client settings: they go to `client_options`, the rest to the store's config
+# (obstore aborts the process-level call with a panic when a client key is put in config).
+CLIENT_KEYS: Final = frozenset(
+    {
+        "allow_http",
+        "allow_invalid_certificates",
+        "connect_timeout",
+        "default_content_type",
+        "default_headers",
+        "http1_only",
+        "http2_keep_alive_interval",
+        "http2_keep_alive_timeout",
+        "http2_keep_alive_while_idle",
+        "http2_only",
+        "pool_idle_timeout",
+        "pool_max_idle_per_host",
+        "proxy_ca_certificate",
+        "proxy_excludes",
+        "proxy_url",
+        "randomize_addresses",
+        "read_timeout",
+        "root_certificate",
+        "timeout",
+        "user_agent",
+    }
+)
+# Model files are large: obstore's default 30 s limit on a whole request would cut a slow part.
+# A part is at most PART_SIZE, so 300 s allows 56 KB/s; a stalled read fails after 60 s.
+CLIENT_DEFAULTS: Final = {"connect_timeout": "10s", "timeout": "300s", "read_timeout": "60s"}
+ENV_PREFIXES: Final = {
+    "s3": "AWS_",
+    "s3a": "AWS_",
+    "gs": "GOOGLE_",
+    "az": "AZURE_",
+    "abfs": "AZURE_",
+}
+RETRY_KEYS: Final = frozenset({"max_retries", "retry_timeout"})
+RETRY_DEFAULTS: Final = {"max_retries": "5", "retry_timeout": "60"}
+
+
+def local_root(location: str) -> Path | None:
+    """The folder of a local location (a path or `file://` URL), else None."""
+    if "://" not in location:
+        return Path(location).expanduser().absolute()
+    url = urlparse(location)
+    return Path(unquote(url.path)) if url.scheme == "file" else None
+
+
+def join(location: str, name: str) -> str:
+    """The URL (or path) of file `name` inside `location`."""
+    return f"{location.rstrip('/')}/{name}"
+
+
+def open_store(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
+    """The obstore store rooted at `location`.
+
+    `storage_options` keys are obstore's: store config (`endpoint`, `region`,
+    `access_key_id`, ...), client options (`allow_http`, `timeout`, ...) and
+    `max_retries` / `retry_timeout` (seconds) for the bounded retries with backoff.
+
+    Raises:
+        ModelFileError: a local folder that does not exist.
+        FetchError: obstore refuses the URL or an option.
+    """
+    root = local_root(location)
+    if root is not None:
+        if not root.is_dir():
+            raise ModelFileError(f"model folder {str(root)!r} does not exist or is not a folder")
+        return LocalStore(root)
+    options = dict(storage_options or {})
+    # obstore reads client settings from the environment only when no client_options are
+    # given; since the defaults above are always given, read them here (AWS_ALLOW_HTTP, ...).
+    prefix = ENV_PREFIXES.get(urlparse(location).scheme, "")
+    from_env = {k: v for k in CLIENT_KEYS if (v := os.environ.get(f"{prefix}{k.upper()}"))}
+    client = CLIENT_DEFAULTS | from_env | {k: v for k, v in options.items() if k in CLIENT_KEYS}
+    retry = RETRY_DEFAULTS | {k: v for k, v in options.items() if k in RETRY_KEYS}
+    config = {k: v for k, v in options.items() if k not in CLIENT_KEYS | RETRY_KEYS}
+    retry_config: RetryConfig = {
+        "max_retries": int(retry["max_retries"]),
+        "retry_timeout": timedelta(seconds=float(retry["retry_timeout"])),
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=100),
+            "max_backoff": timedelta(seconds=5),
+            "base": 2.0,
+        },
+    }
+    with translate(location):
+        return from_url(
+            location.rstrip("/"),
+            config=cast("S3Config", config),
+            client_options=cast("ClientConfig", client),
+            retry_config=retry_config,
+        )
+
+
+@contextmanager
+def translate(url: str) -> Iterator[None]:
+    """Turn obstore's exceptions into wmtp's, naming `url` and the cause."""
+    from obstore import exceptions as obx
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise ModelFileError(f"{url} does not exist") from None
+    except (obx.PermissionDeniedError, obx.UnauthenticatedError) as e:
+        raise StoreAccessError(
+            f"{url}: access denied ({_first_line(e)}); check the credentials "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options) and their rights"
+        ) from None
+    except (obx.BaseError, OSError) as e:
+        raise FetchError(f"{url}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text: Any = str(e).strip().splitlines()
+    return str(text[0]) if text else type(e).__name__
