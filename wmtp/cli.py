@@ -1,8 +1,9 @@
 """The `wmtp` command. Exit codes: 0 fine, 1 a problem was found, 2 bad usage.
 
-Each subcommand is a pair in `COMMANDS`: a function that declares its
-arguments and one that runs it and returns the exit code. torch and
-transformers are imported only by the commands that load a model.
+Each subcommand is an entry of `COMMANDS`: its summary, an example, a function
+that declares its arguments and one that runs it and returns a result dict
+(printed as text, or as one JSON object with --json) and whether it found a
+problem. torch and transformers are imported only by commands that need them.
 """
 
 from __future__ import annotations
@@ -14,16 +15,29 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
+import msgspec
+
 from wmtp.errors import WmtpError
 
-Run = Callable[[argparse.Namespace], dict[str, Any]]
+EXIT_CODES: Final = "exit codes: 0 fine, 1 problem found, 2 bad usage"
+Result = tuple[dict[str, Any], bool]  # what to print, and whether a problem was found
 
 
 class UsageError(WmtpError, ValueError):
     """A command-line argument is malformed (exit code 2)."""
 
 
-def _store_args(p: argparse.ArgumentParser) -> None:
+class Command(msgspec.Struct, frozen=True):
+    """One subcommand of `wmtp`."""
+
+    summary: str
+    example: str
+    declare: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Result]
+
+
+def _location(p: argparse.ArgumentParser) -> None:
+    p.add_argument("location", help="model folder or URL (s3://bucket/prefix, gs://, az://, ...)")
     p.add_argument(
         "-o",
         "--storage-option",
@@ -35,6 +49,11 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true", help="run a remote model's own module")
+    p.add_argument("--cache-dir", help="where remote files are cached (default ~/.cache/wmtp)")
+
+
 def _storage_options(args: argparse.Namespace) -> dict[str, str] | None:
     pairs = [item.partition("=") for item in args.storage_option]
     if bad := [key for key, eq, _ in pairs if not eq]:
@@ -43,19 +62,19 @@ def _storage_options(args: argparse.Namespace) -> dict[str, str] | None:
 
 
 def _load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("location", help="model folder or URL (s3://bucket/prefix, ...)")
+    _location(p)
+    _trust(p)
     p.add_argument("--dtype", help="cast floating weights, e.g. bf16, fp16, fp32")
     p.add_argument("--device", help="place the model, e.g. cpu, cuda:0")
-    p.add_argument("--trust-code", action="store_true", help="run a remote model's own module")
-    p.add_argument("--cache-dir", help="where remote files are cached (default ~/.cache/wmtp)")
-    _store_args(p)
+    p.add_argument("--verify", action="store_true", help="hash local files against the manifest")
 
 
-def _load(args: argparse.Namespace) -> dict[str, Any]:
-    import torch  # before the clock: library import is not loading
+def _load(args: argparse.Namespace) -> Result:
+    import torch  # before the clock: importing libraries is not loading
 
     import wmtp
 
+    timings: dict[str, float] = {}
     start = time.perf_counter()
     model = wmtp.load(
         args.location,
@@ -64,48 +83,94 @@ def _load(args: argparse.Namespace) -> dict[str, Any]:
         storage_options=_storage_options(args),
         trust_code=args.trust_code,
         cache_dir=args.cache_dir,
+        verify=args.verify,
+        timings=timings,
     )
     seconds = time.perf_counter() - start
+    meta = wmtp.read_metadata(args.location, storage_options=_storage_options(args))
     params = list(model.parameters())
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in params}
     return {
         "location": args.location,
         "class": type(model).__name__,
         "parameters": sum(p.numel() for p in params),
         "dtype": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
         "device": sorted({str(p.device) for p in params}),
-        "bytes": sum(p.numel() * p.element_size() for p in params),
+        "files": list(meta.loading_strategy.required_files),
+        "weight_bytes": sum(storages.values()),
         "seconds": round(seconds, 4),
+        "phases": {name: round(s, 4) for name, s in timings.items()},
         "torch": torch.__version__,
-    }
+    }, False
+
+
+def _inspect(args: argparse.Namespace) -> Result:
+    from wmtp.check import inspect_model
+
+    return _plain(inspect_model(args.location, storage_options=_storage_options(args))), False
 
 
 def _resolve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("algo", help="training algorithm, e.g. critic-wmtp")
     p.add_argument("locations", nargs="+", help="candidate model folders or URLs, in order")
     p.add_argument("--role", help="also require this wmtp_type, e.g. reward_model")
-    _store_args(p)
+    p.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
 
-def _resolve(args: argparse.Namespace) -> dict[str, Any]:
-    import wmtp
+def _resolve(args: argparse.Namespace) -> Result:
+    from wmtp.resolve import candidates, resolve
 
     options = _storage_options(args)
-    chosen = wmtp.resolve(args.algo, args.locations, role=args.role, storage_options=options)
-    return {"algo": args.algo, "location": chosen}
+    chosen = resolve(args.algo, args.locations, role=args.role, storage_options=options)
+    found = candidates(args.algo, args.locations, role=args.role, storage_options=options)
+    later = "also serves it, but comes later in the order"
+    passed_over = {c.location: c.reason or later for c in found if c.location != chosen}
+    return {"algo": args.algo, "location": chosen, "passed_over": passed_over}, False
 
 
-COMMANDS: Final[Mapping[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], Run]]] = {
-    "load": (
-        "load a model and say what was loaded",
+def _check_args(p: argparse.ArgumentParser) -> None:
+    _location(p)
+    _trust(p)
+    p.add_argument("--verify-hashes", action="store_true", help="hash files against the manifest")
+
+
+def _check(args: argparse.Namespace) -> Result:
+    from wmtp.check import check
+
+    report = check(
+        args.location,
+        storage_options=_storage_options(args),
+        trust_code=args.trust_code,
+        verify_hashes=args.verify_hashes,
+        cache_dir=args.cache_dir,
+    )
+    return _plain(report), bool(report.problems)
+
+
+COMMANDS: Final[Mapping[str, Command]] = {
+    "load": Command(
+        "load a model; print its class, size, dtype, files and time per phase",
         "wmtp load examples/tiny-mtp --dtype bf16",
         _load_args,
         _load,
     ),
-    "resolve": (
-        "pick the first candidate whose metadata serves an algorithm",
-        "wmtp resolve critic-wmtp s3://models/mtp ./models/rm --role reward_model",
+    "inspect": Command(
+        "show metadata, required files with sizes and tensor counts (reads no weights)",
+        "wmtp inspect s3://models/distilgpt2-mtp -o endpoint=http://127.0.0.1:9000",
+        _location,
+        _inspect,
+    ),
+    "resolve": Command(
+        "pick the first candidate whose metadata serves an algorithm, and say why not the others",
+        "wmtp resolve critic-wmtp ./models/mtp ./models/rm --role reward_model",
         _resolve_args,
         _resolve,
+    ),
+    "check": Command(
+        "dry-run a load without reading weights; report every problem with its fix",
+        "wmtp check ./models/distilgpt2-mtp --verify-hashes",
+        _check_args,
+        _check,
     ),
 }
 
@@ -115,37 +180,55 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="wmtp",
         description="Load and inspect WMTP model folders (local or remote).",
-        epilog="exit codes: 0 fine, 1 problem found, 2 bad usage",
+        epilog=EXIT_CODES,
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (summary, example, declare, _) in COMMANDS.items():
+    for name, command in COMMANDS.items():
         p = sub.add_parser(
             name,
-            help=summary,
-            description=summary,
-            epilog=f"example: {example}",
+            help=command.summary,
+            description=command.summary,
+            epilog=f"example:\n  {command.example}\n\n{EXIT_CODES}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        declare(p)
+        command.declare(p)
         p.add_argument("--json", action="store_true", help="print one JSON object")
     return top
 
 
-def _print(result: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result))
-        return
-    for key, value in result.items():
-        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
-        print(f"{key:>11}: {shown}")
+def _plain(value: Any) -> dict[str, Any]:
+    """JSON-ready dicts and lists (Structs and tuples included)."""
+    result: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(value))
+    return result
+
+
+def _text(value: Any, indent: int = 0) -> list[str]:
+    pad = " " * indent
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if isinstance(item, dict | list) and item and not _flat(item):
+                lines += [f"{pad}{key}:", *_text(item, indent + 2)]
+            else:
+                lines.append(f"{pad}{key}: {_flat(item) if _flat(item) is not None else item}")
+        return lines
+    if isinstance(value, list):
+        return [f"{pad}- {line.lstrip()}" for item in value for line in _text(item, indent)]
+    return [f"{pad}{value}"]
+
+
+def _flat(item: Any) -> str | None:
+    if isinstance(item, list) and all(not isinstance(i, dict | list) for i in item):
+        joined = ", ".join(map(str, item))
+        return joined if "\n" not in joined and len(joined) <= 100 else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `wmtp` command; returns the exit code."""
     args = parser().parse_args(argv)
-    run = COMMANDS[args.command][3]
     try:
-        result = run(args)
+        result, problem = COMMANDS[args.command].run(args)
     except UsageError as e:
         print(f"wmtp {args.command}: {e}", file=sys.stderr)
         return 2
@@ -155,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"wmtp {args.command}: {e}", file=sys.stderr)
         return 1
-    _print(result, args.json)
-    return 0
+    print(json.dumps(result) if args.json else "\n".join(_text(result)))
+    return 1 if problem else 0
 
 
 if __name__ == "__main__":

@@ -43,3 +43,7 @@ class StoreAccessError(WmtpError, PermissionError):
 
 class UntrustedCodeError(WmtpError, PermissionError):
     """A model's own Python module comes from a remote store and was not trusted."""
+
+
+class IntegrityError(WmtpError, ValueError):
+    """A file's size or SHA-256 differs from the metadata's manifest; nothing was kept."""

@@ -19,19 +19,29 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+import msgspec
 import obstore
 from obstore.store import ObjectStore
 
 if TYPE_CHECKING:
     from obstore import GetOptions
 
-from wmtp.errors import FetchError, ModelFileError
+from wmtp.errors import FetchError, IntegrityError, ModelFileError
+from wmtp.metadata import FileEntry
 from wmtp.store import StorageOptions, join, local_root, open_store, translate
 
 PART_SIZE: Final = 16 * 2**20
@@ -68,6 +78,9 @@ def fetch(
     storage_options: StorageOptions | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    manifest: Mapping[str, FileEntry] | None = None,
+    verify: bool = False,
+    only_check: Collection[str] = (),
 ) -> dict[str, Path]:
     """Local paths of `files` at `location`, downloading the remote ones first.
 
@@ -77,9 +90,15 @@ def fetch(
         storage_options: obstore configuration; wins over the environment.
         cache_dir: where downloads go (see `cache_root`).
         progress: a progress bar on stderr; None shows one when stderr is a terminal.
+        manifest: expected size and sha256 per file. Sizes are always checked; a
+            download is hashed while it is written; a local file is hashed if `verify`.
+        verify: hash local files against the manifest (they are read once more).
+        only_check: names among `files` to check (exist, manifest size) but not
+            download; they are left out of the result.
 
     Raises:
         ModelFileError: files are missing (all named, with the location).
+        IntegrityError: a size or hash differs from the manifest (nothing is cached).
         StoreAccessError: the credentials were refused.
         FetchError: the store failed after bounded retries, or a file changed mid-download.
 
@@ -89,34 +108,49 @@ def fetch(
     """
     store = open_store(location, storage_options)
     root = local_root(location)
-    folder = None if root else cache_root(cache_dir) / _slug(location, storage_options)
-    return _run(_fetch(store, location, files, root, folder, progress))
+    folder = root or cache_root(cache_dir) / _slug(location, storage_options)
+    plan = _Plan(location=location, root=root, folder=folder, manifest=manifest or {})
+    return run_sync(_fetch(store, plan, files, progress, verify=verify, only_check=only_check))
+
+
+class _Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a fetch reads from and writes to, and what the files must be."""
+
+    location: str
+    root: Path | None  # the folder itself when local
+    folder: Path  # where the files end up
+    manifest: Mapping[str, FileEntry]
 
 
 async def _fetch(
     store: ObjectStore,
-    location: str,
+    plan: _Plan,
     files: Sequence[str],
-    root: Path | None,
-    folder: Path | None,
     progress: bool | None,
+    *,
+    verify: bool,
+    only_check: Collection[str],
 ) -> dict[str, Path]:
-    heads = await asyncio.gather(*(_head(store, location, name) for name in files))
-    missing = [name for name, head in zip(files, heads, strict=True) if head is None]
-    if missing:
+    heads = await asyncio.gather(*(_head(store, plan.location, name) for name in files))
+    found = {name: head for name, head in zip(files, heads, strict=True) if head is not None}
+    if missing := [name for name in files if name not in found]:
         raise ModelFileError(
-            f"required file(s) {', '.join(map(repr, missing))} not found at {location}; "
+            f"required file(s) {', '.join(map(repr, missing))} not found at {plan.location}; "
             "add them there, or remove them from loading_strategy.required_files"
         )
-    if root is not None or folder is None:
-        return {name: (root or Path()) / name for name in files}
-    found = {name: head for name, head in zip(files, heads, strict=True) if head is not None}
-    targets = {name: folder / _version(head) / name for name, head in found.items()}
-    todo = [name for name in files if not _complete(targets[name], found[name]["size"])]
+    for name, head in found.items():
+        _check_size(plan, name, int(head["size"]))
+    if plan.root is not None:
+        if verify:
+            await asyncio.gather(*(asyncio.to_thread(_verify_file, plan, n) for n in files))
+        return {name: plan.root / name for name in files if name not in only_check}
+    wanted = [name for name in files if name not in only_check]
+    targets = {name: plan.folder / _version(found[name]) / name for name in wanted}
+    todo = [name for name in wanted if not _complete(targets[name], found[name]["size"])]
     with _progress(sum(found[n]["size"] for n in todo), progress) as advance:
         limit = asyncio.Semaphore(PARALLEL)
         await asyncio.gather(
-            *(_download(store, location, n, found[n], targets[n], limit, advance) for n in todo)
+            *(_download(store, plan, n, found[n], targets[n], limit, advance) for n in todo)
         )
     return targets
 
@@ -130,16 +164,39 @@ async def _head(store: ObjectStore, location: str, name: str) -> Mapping[str, An
         return None
 
 
+def _check_size(plan: _Plan, name: str, size: int) -> None:
+    if (entry := plan.manifest.get(name)) is not None and entry.size != size:
+        raise IntegrityError(
+            f"{join(plan.location, name)} has {size} bytes, but metadata.json's manifest "
+            f"(`$.files[{name!r}].size`) says {entry.size}; the file or the manifest is stale"
+        )
+
+
+def _check_hash(plan: _Plan, name: str, digest: str) -> None:
+    if (entry := plan.manifest.get(name)) is not None and entry.sha256 != digest:
+        raise IntegrityError(
+            f"{join(plan.location, name)} has sha256 {digest}, but metadata.json's manifest "
+            f"(`$.files[{name!r}].sha256`) says {entry.sha256}; the file is corrupt or the "
+            "manifest is stale (nothing was cached)"
+        )
+
+
+def _verify_file(plan: _Plan, name: str) -> None:
+    if name in plan.manifest and plan.root is not None:
+        with (plan.root / name).open("rb") as f:
+            _check_hash(plan, name, hashlib.file_digest(f, "sha256").hexdigest())
+
+
 async def _download(
     store: ObjectStore,
-    location: str,
+    plan: _Plan,
     name: str,
     head: Mapping[str, Any],
     dest: Path,
     limit: asyncio.Semaphore,
     advance: Callable[[int], object],
 ) -> None:
-    url, size, etag = join(location, name), int(head["size"]), head.get("e_tag")
+    url, size, etag = join(plan.location, name), int(head["size"]), head.get("e_tag")
     dest.parent.mkdir(parents=True, exist_ok=True)
     async with _locked(dest):
         if _complete(dest, size):  # another process finished it while we waited
@@ -150,24 +207,9 @@ async def _download(
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
             os.ftruncate(fd, size)
-
-            async def part(start: int, end: int) -> None:
-                # If-Match pins every part to the version HEAD saw: a replaced object fails.
-                options: GetOptions = {"range": (start, end)}
-                if etag:
-                    options["if_match"] = etag
-                async with limit:
-                    with translate(url):
-                        got = await obstore.get_async(store, name, options=options)
-                        data = await got.bytes_async()
-                if len(data) != end - start:
-                    raise FetchError(f"{url}: {len(data)} bytes at {start}, not {end - start}")
-                os.pwrite(fd, data, start)
-                advance(len(data))
-
-            ends = [(s, min(s + PART_SIZE, size)) for s in range(0, size, PART_SIZE)]
-            await asyncio.gather(*(part(start, end) for start, end in ends))
+            digest = await _write_parts(store, name, url, etag, fd, size, limit, advance)
             os.fsync(fd)
+            _check_hash(plan, name, digest)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -178,6 +220,52 @@ async def _download(
             raise FetchError(f"{url}: downloaded {got} bytes, the object has {size}")
         tmp.replace(dest)
         _fsync_dir(dest.parent)
+
+
+async def _write_parts(
+    store: ObjectStore,
+    name: str,
+    url: str,
+    etag: str | None,
+    fd: int,
+    size: int,
+    limit: asyncio.Semaphore,
+    advance: Callable[[int], object],
+) -> str:
+    """Download `name` in ranged parts into `fd`, and its sha256 computed on the way.
+
+    Parts arrive in any order but are hashed in order; a part waits in memory for its
+    predecessors, at most `2 * PARALLEL` of them per file.
+    """
+    sha = hashlib.sha256()
+    held: dict[int, Any] = {}
+    hashed = [0]  # offset up to which the file is hashed
+    window = asyncio.Semaphore(2 * PARALLEL)
+
+    async def part(start: int, end: int) -> None:
+        # If-Match pins every part to the version HEAD saw: a replaced object fails.
+        options: GetOptions = {"range": (start, end)}
+        if etag:
+            options["if_match"] = etag
+        await window.acquire()
+        async with limit:
+            with translate(url):
+                got = await obstore.get_async(store, name, options=options)
+                data = await got.bytes_async()
+        if len(data) != end - start:
+            raise FetchError(f"{url}: {len(data)} bytes at {start}, not {end - start}")
+        os.pwrite(fd, data, start)
+        advance(len(data))
+        held[start] = data
+        while hashed[0] in held:
+            chunk = held.pop(hashed[0])
+            sha.update(chunk)
+            hashed[0] += len(chunk)
+            window.release()
+
+    ends = [(s, min(s + PART_SIZE, size)) for s in range(0, size, PART_SIZE)]
+    await asyncio.gather(*(part(start, end) for start, end in ends))
+    return sha.hexdigest()
 
 
 def _complete(path: Path, size: int) -> bool:
@@ -233,7 +321,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion, also from code already inside an event loop."""
     try:
         asyncio.get_running_loop()

@@ -82,6 +82,8 @@ def load(
     trust_code: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    verify: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> torch.nn.Module:
     """Load the model at `location` exactly as its `metadata.json` says, in eval mode.
 
@@ -101,12 +103,16 @@ def load(
         cache_dir: where remote files are cached (default `$WMTP_CACHE_DIR` or
             `~/.cache/wmtp`).
         progress: show a download progress bar; None shows one when stderr is a terminal.
+        verify: hash local files against the metadata's manifest (`files`); sizes are
+            always checked, and downloads are always hashed as they are written.
+        timings: a dict to fill with seconds per phase ("fetch", "build", "map", "assign").
 
     Raises:
         ModelFileError: the folder, its metadata.json or a required file is missing.
         UntrustedCodeError: remote custom code without `trust_code=True`.
         StoreAccessError: the store refused the credentials.
         FetchError: the store could not be reached, within bounded retries.
+        IntegrityError: a file's size or hash differs from the manifest.
         MetadataError: the metadata is invalid, names a class that does not exist,
             or the model's module fails to import.
         WeightsError: the checkpoint's keys or shapes do not fit the model.
@@ -123,6 +129,8 @@ def load(
         trust_code=trust_code,
         cache_dir=None if cache_dir is None else os.fspath(cache_dir),
         progress=progress,
+        verify=verify,
+        timings=timings,
     )
     model = LOADERS[meta.loading_strategy.loader_type](location, meta, options)
     return model if device is None else model.to(device)

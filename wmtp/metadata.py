@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Mapping
 from typing import Any, Final, Literal, get_args
 
 import msgspec
@@ -44,6 +45,13 @@ class LoadingStrategy(Strict, frozen=True, kw_only=True):
     required_files: tuple[str, ...]
 
 
+class FileEntry(Strict, frozen=True, kw_only=True):
+    """A file's expected size in bytes and SHA-256 (hex), from the integrity manifest."""
+
+    size: int
+    sha256: str
+
+
 class Metadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A model folder's `metadata.json`.
 
@@ -57,6 +65,8 @@ class Metadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     storage_version: StorageVersion
     loading_strategy: LoadingStrategy
     algorithm_compatibility: tuple[str, ...]
+    # Integrity manifest: file name -> size and sha256; checked when present.
+    files: dict[str, FileEntry] | None = None
     horizon: int | None = None
     n_heads: int | None = None
     model_size: str | None = None
@@ -114,7 +124,7 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
         raise MetadataError(_explain(str(e), source)) from None
     except msgspec.DecodeError as e:
         raise MetadataError(f"{source}: not valid JSON: {e}") from None
-    _check_strategy(meta.loading_strategy, source)
+    _check_strategy(meta.loading_strategy, meta.files or {}, source)
     return meta
 
 
@@ -135,7 +145,9 @@ def _explain(message: str, source: str) -> str:
     return f"{source}: {message}{hint}"
 
 
-def _check_strategy(strategy: LoadingStrategy, source: str) -> None:
+def _check_strategy(
+    strategy: LoadingStrategy, manifest: Mapping[str, FileEntry], source: str
+) -> None:
     at = "$.loading_strategy"
     for field in REQUIRED_FIELDS[strategy.loader_type]:
         if not getattr(strategy, field):
@@ -148,6 +160,8 @@ def _check_strategy(strategy: LoadingStrategy, source: str) -> None:
         files.append((f"{at}.custom_module_file", strategy.custom_module_file))
     for path, name in files:
         _check_relative(name, path, source)
+    for name in manifest:
+        _check_relative(name, f"$.files[{name!r}]", source)
     if strategy.custom_module_file not in (None, *strategy.required_files):
         raise MetadataError(
             f"{source}: custom_module_file {strategy.custom_module_file!r} is not listed in "

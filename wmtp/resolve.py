@@ -7,10 +7,20 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import get_args
 
+import msgspec
+
 from wmtp.errors import MetadataError, NoCompatibleModelError, WmtpError
 from wmtp.load import read_metadata
-from wmtp.metadata import Metadata, WmtpType
+from wmtp.metadata import WmtpType
 from wmtp.store import StorageOptions
+
+
+class Candidate(msgspec.Struct, frozen=True):
+    """A location, why it does not serve the algorithm (None: it does), and what it serves."""
+
+    location: str
+    reason: str | None
+    algorithms: tuple[str, ...] = ()
 
 
 def resolve(
@@ -39,39 +49,48 @@ def resolve(
         >>> resolve("critic-wmtp", ["models/mtp", "models/rm"], role="reward_model")
         'models/rm'
     """
-    if role is not None and role not in get_args(WmtpType):
-        raise MetadataError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
-        found = list(pool.map(lambda p: _read(p, storage_options), paths))
-    reasons: list[str] = []
-    for path, meta in zip(paths, found, strict=True):
-        if isinstance(meta, str):
-            reasons.append(f"  {path}: {meta}")
-        elif algo not in meta.algorithm_compatibility:
-            reasons.append(
-                f"  {path}: algorithm_compatibility is {list(meta.algorithm_compatibility)}"
-            )
-        elif role is not None and meta.wmtp_type != role:
-            reasons.append(
-                f"  {path}: serves {algo} but wmtp_type is {meta.wmtp_type!r}, not {role!r}"
-            )
-        else:
-            return path
-    known = sorted({a for m in found if not isinstance(m, str) for a in m.algorithm_compatibility})
+    found = candidates(algo, paths, role=role, storage_options=storage_options)
+    chosen = next((c.location for c in found if c.reason is None), None)
+    if chosen is not None:
+        return chosen
+    known = sorted({a for c in found for a in c.algorithms})
     close = difflib.get_close_matches(algo, known, n=1)
     typo = f"\ndid you mean {close[0]!r}?" if close else ""
     wanted = f"{algo!r}" + (f" as {role}" if role else "")
-    raise NoCompatibleModelError(
-        f"no candidate serves {wanted}:\n"
-        + "\n".join(reasons or ["  (no candidates given)"])
-        + typo
-    )
+    lines = [f"  {c.location}: {c.reason}" for c in found] or ["  (no candidates given)"]
+    raise NoCompatibleModelError(f"no candidate serves {wanted}:\n" + "\n".join(lines) + typo)
 
 
-def _read(path: str, storage_options: StorageOptions | None) -> Metadata | str:
-    """The metadata, or why it could not be read (first line of the error)."""
+def candidates(
+    algo: str,
+    paths: Sequence[str],
+    *,
+    role: WmtpType | None = None,
+    storage_options: StorageOptions | None = None,
+) -> list[Candidate]:
+    """Every path, in order, with why it does or does not serve `algo` (reads all at once).
+
+    Raises:
+        MetadataError: `role` is not a known wmtp_type.
+    """
+    if role is not None and role not in get_args(WmtpType):
+        raise MetadataError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
+        return list(pool.map(lambda p: _judge(p, algo, role, storage_options), paths))
+
+
+def _judge(
+    path: str, algo: str, role: str | None, storage_options: StorageOptions | None
+) -> Candidate:
     try:
-        return read_metadata(path, storage_options=storage_options)
+        meta = read_metadata(path, storage_options=storage_options)
     except WmtpError as e:
         kind = "no metadata" if isinstance(e, FileNotFoundError) else "invalid metadata"
-        return f"{kind}: {str(e).splitlines()[0]}"
+        return Candidate(path, f"{kind}: {str(e).splitlines()[0]}")
+    served = meta.algorithm_compatibility
+    if algo not in served:
+        return Candidate(path, f"algorithm_compatibility is {list(served)}", served)
+    if role is not None and meta.wmtp_type != role:
+        reason = f"serves {algo} but wmtp_type is {meta.wmtp_type!r}, not {role!r}"
+        return Candidate(path, reason, served)
+    return Candidate(path, None, served)

@@ -7,36 +7,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import msgspec
+import obstore
 
 from wmtp.errors import MetadataError, WeightsError
+from wmtp.store import StorageOptions, join, open_store, translate
 
 if TYPE_CHECKING:
     import torch
 
 INDEX_SUFFIX: Final = ".safetensors.index.json"
+_MAX_HEADER: Final = 100 * 2**20  # safetensors' own limit
+
+
+class TensorInfo(msgspec.Struct, frozen=True):
+    """One entry of a safetensors header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
 
 
 class ShardIndex(msgspec.Struct, frozen=True):
     """`model.safetensors.index.json`, the layout transformers writes for large models."""
 
     weight_map: dict[str, str]
-
-
-def weight_names(required_files: Sequence[str], source: str) -> tuple[str, ...]:
-    """The checkpoint files among `required_files`: safetensors files or shard indexes.
-
-    Raises:
-        MetadataError: none is listed (pickled `.bin`/`.pt` checkpoints are refused).
-    """
-    names = tuple(f for f in required_files if f.endswith((".safetensors", INDEX_SUFFIX)))
-    if not names:
-        unsafe = [f for f in required_files if f.endswith((".bin", ".pt", ".pth"))]
-        why = f" ({', '.join(unsafe)} is a pickle, which wmtp does not load)" if unsafe else ""
-        raise MetadataError(
-            f"{source}: `$.loading_strategy.required_files` lists no safetensors "
-            f"checkpoint{why}; save the weights as model.safetensors and list it"
-        )
-    return names
 
 
 def shard_names(index_path: Path) -> tuple[str, ...]:
@@ -66,6 +60,47 @@ def read_tensors(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
                 raise WeightsError(f"tensor {key!r} is stored twice: in {owner[key]} and in {path}")
             owner[key] = path
             out[key] = tensor
+    return out
+
+
+def read_header(
+    location: str, name: str, storage_options: StorageOptions | None = None
+) -> dict[str, TensorInfo]:
+    """The tensor table of a safetensors file, read with two small ranged reads (no weights).
+
+    Raises:
+        MetadataError: the file is not safetensors.
+        ModelFileError, StoreAccessError, FetchError: as for any read.
+    """
+    store, url = open_store(location, storage_options), join(location, name)
+    with translate(url):
+        length = int.from_bytes(bytes(obstore.get_range(store, name, start=0, length=8)), "little")
+        if not 2 <= length <= _MAX_HEADER:
+            raise MetadataError(f"{url}: not a safetensors file (header length {length})")
+        raw = bytes(obstore.get_range(store, name, start=8, length=length))
+    try:
+        table = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
+        table.pop("__metadata__", None)
+        return {key: msgspec.json.decode(value, type=TensorInfo) for key, value in table.items()}
+    except msgspec.MsgspecError as e:
+        raise MetadataError(f"{url}: not a safetensors header: {e}") from None
+
+
+def header_shapes(
+    location: str, names: Sequence[str], storage_options: StorageOptions | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Key -> shape over the safetensors files `names`, from their headers alone.
+
+    Raises:
+        WeightsError: two files hold the same key.
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, str] = {}
+    for name in names:
+        for key, info in read_header(location, name, storage_options).items():
+            if key in owner:
+                raise WeightsError(f"tensor {key!r} is stored twice: in {owner[key]} and in {name}")
+            owner[key], out[key] = name, info.shape
     return out
 
 
