@@ -2,6 +2,6 @@
 
 import sys
 
-from wmtp.cli import main
+from wmtp.cli import console
 
-sys.exit(main())
+sys.exit(console())

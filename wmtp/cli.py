@@ -147,6 +147,40 @@ def _check(args: argparse.Namespace) -> Result:
     return _plain(report), bool(report.problems)
 
 
+def _migrate_args(p: argparse.ArgumentParser) -> None:
+    _location(p)
+    p.add_argument("--write", action="store_true", help="write it (the old file is kept as a .bak)")
+    p.add_argument("--role", help="wmtp_type, when the old metadata does not say it")
+    p.add_argument(
+        "--algorithm",
+        action="append",
+        default=[],
+        help="an algorithm it serves (repeatable); added to algorithm_compatibility",
+    )
+    p.add_argument("--trust-code", action="store_true", help="import a remote folder's module")
+
+
+def _migrate(args: argparse.Namespace) -> Result:
+    from wmtp.migrate import migrate, migration_diff, write_migration
+
+    options = _storage_options(args)
+    migration = migrate(
+        args.location,
+        wmtp_type=args.role,
+        algorithms=args.algorithm,
+        storage_options=options,
+        trust_code=args.trust_code,
+    )
+    written = write_migration(migration, storage_options=options) if args.write else None
+    return {
+        "location": args.location,
+        "diff": migration_diff(migration),
+        "notes": list(migration.notes),
+        "written": args.write,
+        "backup": written or None,
+    }, False
+
+
 COMMANDS: Final[Mapping[str, Command]] = {
     "load": Command(
         "load a model; print its class, size, dtype, files and time per phase",
@@ -171,6 +205,12 @@ COMMANDS: Final[Mapping[str, Command]] = {
         "wmtp check ./models/distilgpt2-mtp --verify-hashes",
         _check_args,
         _check,
+    ),
+    "migrate": Command(
+        "propose v2 metadata (with a manifest) for an old or plain Hugging Face folder",
+        "wmtp migrate ./old/distilgpt2 --algorithm rho1-wmtp --write",
+        _migrate_args,
+        _migrate,
     ),
 }
 
@@ -238,9 +278,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"wmtp {args.command}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result) if args.json else "\n".join(_text(result)))
+    if args.json:
+        print(json.dumps(result))
+    elif "diff" in result:  # a diff reads best as itself
+        print(result["diff"], end="")
+        print("\n".join(f"note: {n}" for n in result["notes"]))
+        print(
+            f"written (old file kept at {result['backup']})"
+            if result["written"]
+            else "not written: run again with --write"
+        )
+    else:
+        print("\n".join(_text(result)))
     return 1 if problem else 0
 
 
+def console() -> int:
+    """The console script: `main`, quiet when the reader of stdout goes away (`| head`)."""
+    try:
+        return main()
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

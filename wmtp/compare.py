@@ -50,14 +50,15 @@ def fits(m: Mismatch) -> bool:
     return not (m.missing or m.unexpected or m.misshapen)
 
 
-def prefix_hints(
+def mapping_fix(
     checkpoint: Mapping[str, Shape],
     mapping: StateDictMapping,
     expected: Mapping[str, Shape],
     groups: Groups,
-) -> list[str]:
+) -> tuple[str, StateDictMapping] | None:
     """The simplest change to `state_dict_mapping` under which the checkpoint fits exactly
-    (tried, not guessed), as a sentence; empty when no single change does."""
+    (tried, not guessed): a sentence saying it, and the fixed mapping; None when no single
+    change does."""
     current = compare(expected, groups, _remapped(checkpoint, mapping) or {})
     n, replace = len(current.unexpected), msgspec.structs.replace
     tries: list[tuple[str, StateDictMapping]] = []
@@ -102,8 +103,8 @@ def prefix_hints(
     for hint, alternative in tries:
         fixed = _remapped(checkpoint, alternative)
         if fixed is not None and fits(compare(expected, groups, fixed)):
-            return [hint]
-    return []
+            return hint, alternative
+    return None
 
 
 def _remapped(

@@ -22,7 +22,12 @@ class ModelFileError(WmtpError, FileNotFoundError):
 
 
 class WeightsError(WmtpError, KeyError):
-    """The checkpoint's tensors do not fit the model: missing, unexpected or misshapen keys."""
+    """The checkpoint's tensors do not fit the model: missing, unexpected or misshapen keys.
+
+    `fix`, when set, is a `StateDictMapping` under which every key fits (tried, not guessed).
+    """
+
+    fix: object = None
 
     def __str__(self) -> str:
         # KeyError quotes its message; this one is prose, so show it as written.

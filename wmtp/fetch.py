@@ -71,6 +71,27 @@ def read_file(location: str, name: str, storage_options: StorageOptions | None =
         return bytes(obstore.get(store, name).bytes())
 
 
+def file_manifest(
+    location: str, names: Sequence[str], storage_options: StorageOptions | None = None
+) -> dict[str, FileEntry]:
+    """Size and SHA-256 of each file, streamed through the store (local or remote).
+
+    Example:
+        >>> file_manifest("examples/tiny-mtp", ["config.json"])
+        {'config.json': FileEntry(size=929, sha256='…')}
+    """
+    store = open_store(location, storage_options)
+    out = {}
+    for name in names:
+        sha, size = hashlib.sha256(), 0
+        with translate(join(location, name)):
+            for chunk in obstore.get(store, name).stream(min_chunk_size=8 * 2**20):
+                sha.update(chunk)
+                size += len(chunk)
+        out[name] = FileEntry(size=size, sha256=sha.hexdigest())
+    return out
+
+
 def fetch(
     location: str,
     files: Sequence[str],

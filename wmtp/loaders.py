@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
-from wmtp.compare import Shape, compare, describe, fits, prefix_hints
+from wmtp.compare import Shape, compare, describe, fits, mapping_fix
 from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
 from wmtp.fetch import fetch
 from wmtp.instantiate import (
@@ -209,14 +209,14 @@ def _refusal(
     groups: Sequence[tuple[str, ...]],
 ) -> Exception:
     """The one error that reports every problem found, with hints."""
-    hints = [
-        *prefix_hints(found, meta.loading_strategy.state_dict_mapping, expected, groups),
-        *_architecture_hint(config, model),
-    ]
+    fix = mapping_fix(found, meta.loading_strategy.state_dict_mapping, expected, groups)
+    hints = [*([fix[0]] if fix else []), *_architecture_hint(config, model)]
     detail = "" if fits(mismatch) else describe(mismatch, model=type(model).__name__, hints=hints)
     if problems:
         return MetadataError("\n".join([*problems, *([f"also, {detail}"] if detail else [])]))
-    return WeightsError(f"{source}: {detail}")
+    error = WeightsError(f"{source}: {detail}")
+    error.fix = fix[1] if fix else None
+    return error
 
 
 def _architecture_hint(config: PretrainedConfig, model: torch.nn.Module) -> list[str]:

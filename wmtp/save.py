@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wmtp.errors import MetadataError
+from wmtp.fetch import file_manifest
 from wmtp.instantiate import auto_class_for
 from wmtp.metadata import LoadingStrategy, Metadata, WmtpType, encode_metadata
 
@@ -28,7 +29,8 @@ def save(
     transformers_class: str | None = None,
 ) -> Metadata:
     """Write `config.json`, `model.safetensors` (tied weights once), the model's module
-    file for a custom model, and `metadata.json` (last) into `dest`.
+    file for a custom model, and `metadata.json` (last, with the integrity manifest of
+    the other files) into `dest`.
 
     A model whose class comes from transformers is saved for the `huggingface`
     loader (with `transformers_class` found from its architecture unless given);
@@ -88,6 +90,7 @@ def save(
         algorithm_compatibility=tuple(algorithm_compatibility),
         training_algorithm=training_algorithm,
         base_architecture=base_architecture or config.model_type,
+        files=file_manifest(str(folder), strategy.required_files),
     )
     _write(folder / "metadata.json", encode_metadata(meta))
     return meta
