@@ -14,10 +14,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
+import msgspec
 import torch
 import transformers
+from safetensors.torch import save_file
 
 import wmtp
+from wmtp.fetch import file_manifest
 
 FIXTURES: Final = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 REAL: Final = FIXTURES / "wmtp-v2-real"
@@ -160,3 +163,28 @@ def edit_metadata(folder: Path, **strategy: Any) -> Path:
     data["loading_strategy"].update(strategy)
     path.write_text(json.dumps(data, indent=2))
     return folder
+
+
+def write_checkpoint(
+    folder: Path, tensors: dict[str, torch.Tensor], name: str = "model.safetensors"
+) -> None:
+    """Replace a folder's checkpoint, keeping its metadata's manifest true (as a re-save would)."""
+    save_file(tensors, folder / name)
+    refresh_manifest(folder, name)
+
+
+def write_text(folder: Path, name: str, text: str) -> None:
+    """Replace a text file of a folder, keeping its metadata's manifest true."""
+    (folder / name).write_text(text)
+    refresh_manifest(folder, name)
+
+
+def refresh_manifest(folder: Path, name: str) -> None:
+    """Record `name`'s current size and sha256 in the folder's manifest, if it has one."""
+    path = folder / "metadata.json"
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    data.setdefault("files", {})
+    data["files"] |= msgspec.to_builtins(file_manifest(str(folder), [name]))
+    path.write_text(json.dumps(data, indent=2))

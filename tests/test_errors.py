@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import wmtp
 from tests import builders
@@ -68,9 +68,8 @@ def test_reward_fixture_auto_model_on_a_classifier_says_which_class(
 def test_add_prefix_hint(models: dict[str, Path], copy: Copy) -> None:
     folder = copy(models["gpt2_reference"])
     tensors = load_file(folder / "model.safetensors")
-    save_file(
-        {k.removeprefix("transformer."): v for k, v in tensors.items()},
-        folder / "model.safetensors",
+    builders.write_checkpoint(
+        folder, {k.removeprefix("transformer."): v for k, v in tensors.items()}
     )
     with pytest.raises(wmtp.WeightsError) as err:
         wmtp.load(str(folder))
@@ -90,7 +89,7 @@ def test_shape_mismatch_names_key_and_both_shapes(models: dict[str, Path], copy:
     folder = copy(models["mtp"])
     tensors = load_file(folder / "model.safetensors")
     tensors["extra_heads.0.weight"] = torch.zeros(5, 7)
-    save_file(tensors, folder / "model.safetensors")
+    builders.write_checkpoint(folder, tensors)
     with pytest.raises(wmtp.WeightsError) as err:
         wmtp.load(str(folder))
     assert "shape of 'extra_heads.0.weight': checkpoint [5, 7], model [128, 32]" in str(err.value)
@@ -104,7 +103,7 @@ def test_missing_and_unexpected_keys_are_all_listed_sorted(
     for k in ["extra_heads.2.weight", "extra_heads.0.weight"]:
         del tensors[k]
     tensors["zz.extra"], tensors["aa.extra"] = torch.zeros(1), torch.zeros(1)
-    save_file(tensors, folder / "model.safetensors")
+    builders.write_checkpoint(folder, tensors)
     with pytest.raises(wmtp.WeightsError) as err:
         wmtp.load(str(folder))
     message = str(err.value)
@@ -116,8 +115,9 @@ def test_missing_and_unexpected_keys_are_all_listed_sorted(
 
 def test_unknown_class_lists_defined_ones(models: dict[str, Path], copy: Copy) -> None:
     folder = copy(models["mtp"])
-    (folder / "modeling.py").write_text(
-        (folder / "modeling.py").read_text() + "\n\nclass Other(torch.nn.Module):\n    pass\n"
+    module = (folder / "modeling.py").read_text()
+    builders.write_text(
+        folder, "modeling.py", module + "\n\nclass Other(torch.nn.Module):\n    pass\n"
     )
     builders.edit_metadata(folder, model_class_name="Nope")
     with pytest.raises(wmtp.MetadataError) as err:
@@ -163,14 +163,14 @@ def test_config_without_model_type(models: dict[str, Path], copy: Copy) -> None:
     folder = copy(models["gpt2_reference"])
     config = json.loads((folder / "config.json").read_text())
     del config["model_type"]
-    (folder / "config.json").write_text(json.dumps(config))
+    builders.write_text(folder, "config.json", json.dumps(config))
     with pytest.raises(wmtp.MetadataError, match=r"config.json: `\$.model_type` is None"):
         wmtp.load(str(folder))
 
 
 def test_broken_module_names_its_file(models: dict[str, Path], copy: Copy) -> None:
     folder = copy(models["mtp"])
-    (folder / "modeling.py").write_text("import not_a_module_anywhere\n")
+    builders.write_text(folder, "modeling.py", "import not_a_module_anywhere\n")
     with pytest.raises(wmtp.MetadataError) as err:
         wmtp.load(str(folder))
     assert f"{folder}/modeling.py: importing the model's module failed" in str(err.value)
@@ -194,6 +194,6 @@ def test_nothing_is_assigned_when_keys_do_not_fit(models: dict[str, Path], copy:
     folder = copy(models["mtp"])
     tensors = load_file(folder / "model.safetensors")
     del tensors["extra_heads.1.weight"]
-    save_file(tensors, folder / "model.safetensors")
+    builders.write_checkpoint(folder, tensors)
     with pytest.raises(wmtp.WeightsError, match=r"1 missing .*'extra_heads.1.weight'"):
         wmtp.load(str(folder))

@@ -123,7 +123,7 @@ def test_custom_mapping_renames_checkpoint_keys(models: dict[str, Path], copy: C
         for k, v in original.items()
     }
     renamed["ckpt.unused.marker"] = torch.zeros(1)
-    save_file(renamed, folder / "model.safetensors")
+    builders.write_checkpoint(folder, renamed)
     transforms = {r"trunk\.(.*)": r"base_model.\1", r"heads\.(.*)": r"extra_heads.\1"}
     builders.edit_metadata(
         folder,
@@ -138,7 +138,7 @@ def test_custom_mapping_renames_checkpoint_keys(models: dict[str, Path], copy: C
 def test_huggingface_honours_mapping(models: dict[str, Path], copy: Copy) -> None:
     folder = copy(models["gpt2_reference"])
     original = file_tensors(folder)
-    save_file({"gpt." + k: v for k, v in original.items()}, folder / "model.safetensors")
+    builders.write_checkpoint(folder, {"gpt." + k: v for k, v in original.items()})
     builders.edit_metadata(folder, state_dict_mapping={"remove_prefix": "gpt."})
     assert_equals_file(wmtp.load(str(folder)), original)
 
@@ -167,7 +167,7 @@ def test_two_modules_with_one_class_name_never_mix(models: dict[str, Path], copy
     first = wmtp.load(str(models["mtp"]))
     folder = copy(models["mtp"])
     module = folder / "modeling.py"
-    module.write_text(module.read_text() + "\nMARKER = 'second'\n")
+    builders.write_text(folder, "modeling.py", module.read_text() + "\nMARKER = 'second'\n")
     second = wmtp.load(str(folder))
     assert type(first).__module__ != type(second).__module__
     assert sys.modules[type(second).__module__].MARKER == "second"

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import obstore
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import wmtp
+from tests import builders
 from tests.builders import FIXTURES
 from tests.conftest import Copy
 from tests.s3server import S3Server, make_store, storage_options, upload_folder
@@ -68,7 +69,7 @@ def test_plain_custom_folder_gets_class_and_key_mapping(
     folder = copy(models["mtp"])
     (folder / "metadata.json").unlink()
     original = file_tensors(folder)
-    save_file({"module." + k: v for k, v in original.items()}, folder / "model.safetensors")
+    builders.write_checkpoint(folder, {"module." + k: v for k, v in original.items()})
     with pytest.raises(wmtp.MetadataError, match=r"nothing says this model's role; pass wmtp_type"):
         migrate(str(folder))
     migration = migrate(str(folder), wmtp_type="base_model")
@@ -104,7 +105,7 @@ def test_keys_that_fit_no_mapping_are_reported(models: dict[str, Path], copy: Co
     folder = copy(models["gpt2_reference"])
     tensors = load_file(folder / "model.safetensors")
     del tensors["transformer.ln_f.weight"]
-    save_file(tensors, folder / "model.safetensors")
+    builders.write_checkpoint(folder, tensors)
     with pytest.raises(wmtp.MetadataError, match=r"no key mapping makes the checkpoint fit"):
         migrate(str(folder))
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import obstore
 import pytest
-from safetensors.torch import save_file
 
 import wmtp
+from tests import builders
 from tests.s3proxy import cut_responses, disarm, start_proxy, stop_proxy
 from tests.s3server import (
     S3Server,
@@ -97,11 +97,10 @@ def test_changed_object_is_downloaded_again(
     url = f"s3://{s3_server.bucket}/changing/ref"
     first = wmtp.load(url, storage_options=opts, cache_dir=tmp_path / "cache")
     assert_equals_file(first, file_tensors(models["gpt2_reference"]))
-    changed = {k: v + 1 for k, v in file_tensors(models["gpt2_reference"]).items()}
-    save_file(changed, tmp_path / "model.safetensors")
-    obstore.put(
-        make_store(s3_server, "changing/ref"), "model.safetensors", tmp_path / "model.safetensors"
-    )
+    folder = shutil.copytree(models["gpt2_reference"], tmp_path / "changed")
+    changed = {k: v + 1 for k, v in file_tensors(folder).items()}
+    builders.write_checkpoint(folder, changed)  # new weights and their manifest entry
+    upload_folder(s3_server, folder, "changing/ref")
     second = wmtp.load(url, storage_options=opts, cache_dir=tmp_path / "cache")
     assert_equals_file(second, changed)
     assert len(_files(tmp_path / "cache", "model.safetensors")) == 2  # one per version

@@ -62,7 +62,10 @@ def check(
     tensors = 0
     try:
         meta = read_metadata(location, storage_options=storage_options)
-        problems += _manifest_problems(location, meta.files or {}, storage_options, verify_hashes)
+        manifest = meta.files or {}
+        problems += _manifest_problems(
+            location, manifest, storage_options, verify_hashes, cache_dir
+        )
         options = LoadOptions(
             storage_options=storage_options,
             trust_code=trust_code,
@@ -85,6 +88,7 @@ def _manifest_problems(
     manifest: dict[str, Any],
     storage_options: StorageOptions | None,
     verify: bool,
+    cache_dir: str | None,
 ) -> list[str]:
     problems = []
     for name in manifest:
@@ -93,6 +97,7 @@ def _manifest_problems(
                 location,
                 [name],
                 storage_options=storage_options,
+                cache_dir=cache_dir,
                 manifest={name: manifest[name]},
                 verify=verify,
                 only_check=() if verify else [name],

@@ -164,19 +164,12 @@ def state_shapes(model: torch.nn.Module) -> tuple[dict[str, Shape], Groups]:
     return {k: tuple(t.shape) for k, t in state.items()}, [tuple(g) for g in by_tensor.values()]
 
 
-def assign(
-    model: torch.nn.Module,
-    tensors: Mapping[str, torch.Tensor],
-    groups: Groups,
-    dtype: torch.dtype | None,
-) -> None:
-    """Give every tied group of `model` its checkpoint tensor (cast to `dtype` if floating)."""
+def assign(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], groups: Groups) -> None:
+    """Give every tied group of `model` its checkpoint tensor, one Parameter per group."""
     import torch
 
     for group in groups:
         tensor = tensors[next(name for name in group if name in tensors)]
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
         owner, _, attr = group[0].rpartition(".")
         old = model.get_submodule(owner)._parameters.get(attr)
         new: torch.Tensor = (

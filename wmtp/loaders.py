@@ -32,7 +32,7 @@ from wmtp.instantiate import (
 from wmtp.metadata import LoaderType, Metadata
 from wmtp.remap import remap_state_dict
 from wmtp.store import StorageOptions, join, local_root
-from wmtp.weights import INDEX_SUFFIX, header_shapes, read_tensors, shapes, shard_names
+from wmtp.weights import INDEX_SUFFIX, header_shapes, read_tensors, shard_names
 
 if TYPE_CHECKING:
     import torch
@@ -128,12 +128,12 @@ def assemble(
         build, problems = construct(files, config)
         model = build_empty(build)
     with phase("map"):
-        tensors = {} if options.dry_run else read_tensors([files[n] for n in checkpoints])
-        found = (
-            header_shapes(location, checkpoints, options.storage_options)
-            if options.dry_run
-            else shapes(tensors)
-        )
+        # Headers first: the whole check happens before a single weight byte is read.
+        headers = [
+            (location, n) if n not in files else (str(files[n].parent), files[n].name)
+            for n in checkpoints
+        ]
+        found = header_shapes(headers, options.storage_options)
         mapped = remap_state_dict(found, strategy.state_dict_mapping)
         expected, groups = state_shapes(model)
         mismatch = compare(expected, groups, mapped)
@@ -142,7 +142,8 @@ def assemble(
     if options.dry_run:
         return model
     with phase("assign"):
-        assign(model, remap_state_dict(tensors, strategy.state_dict_mapping), groups, options.dtype)
+        tensors = read_tensors([files[n] for n in checkpoints], options.dtype)
+        assign(model, remap_state_dict(tensors, strategy.state_dict_mapping), groups)
         if leftovers := meta_leftovers(model):
             raise MetadataError(
                 f"{source}: {type(model).__name__} leaves {', '.join(leftovers)} on the meta "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -42,24 +42,28 @@ def shard_names(index_path: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys(index.weight_map.values()))
 
 
-def read_tensors(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor in the safetensors files `paths`, backed by a map of each file.
+def read_tensors(
+    paths: Sequence[Path], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor in the safetensors files `paths` (keys already checked unique).
 
-    Nothing is read from disk until a tensor is used.
-
-    Raises:
-        WeightsError: two files hold the same key.
+    Without `dtype`, each tensor is a view of a memory map of its file: nothing is
+    read until it is used, and nothing is copied. With `dtype`, floating tensors are
+    read one at a time and cast, so memory holds the cast model plus one tensor,
+    never the whole checkpoint twice.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
-    owner: dict[str, Path] = {}
     for path in paths:
-        for key, tensor in load_file(path).items():
-            if key in owner:
-                raise WeightsError(f"tensor {key!r} is stored twice: in {owner[key]} and in {path}")
-            owner[key] = path
-            out[key] = tensor
+        if dtype is None:
+            with safe_open(path, framework="pt", backend="mmap") as f:
+                out.update(f.get_tensors())
+            continue
+        with safe_open(path, framework="pt", backend="pread") as f:
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                tensor = f.get_tensor(key)
+                out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return out
 
 
@@ -87,23 +91,20 @@ def read_header(
 
 
 def header_shapes(
-    location: str, names: Sequence[str], storage_options: StorageOptions | None = None
+    files: Sequence[tuple[str, str]], storage_options: StorageOptions | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """Key -> shape over the safetensors files `names`, from their headers alone.
+    """Key -> shape over safetensors files given as (location, name), from headers alone.
 
     Raises:
         WeightsError: two files hold the same key.
     """
     out: dict[str, tuple[int, ...]] = {}
     owner: dict[str, str] = {}
-    for name in names:
+    for location, name in files:
         for key, info in read_header(location, name, storage_options).items():
             if key in owner:
-                raise WeightsError(f"tensor {key!r} is stored twice: in {owner[key]} and in {name}")
-            owner[key], out[key] = name, info.shape
+                raise WeightsError(
+                    f"tensor {key!r} is stored twice: in {owner[key]} and in {join(location, name)}"
+                )
+            owner[key], out[key] = join(location, name), info.shape
     return out
-
-
-def shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """Key -> shape, for comparing a checkpoint with a model."""
-    return {k: tuple(t.shape) for k, t in tensors.items()}
