@@ -9,6 +9,7 @@ torch and transformers are imported only when a model is loaded.
 
 from wmtp.errors import (
     FetchError,
+    IntegrityError,
     MetadataError,
     ModelFileError,
     NoCompatibleModelError,
@@ -28,6 +29,7 @@ from wmtp.save import save
 __all__ = [
     "LOADERS",
     "FetchError",
+    "IntegrityError",
     "LoadingStrategy",
     "Metadata",
     "MetadataError",
