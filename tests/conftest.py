@@ -14,6 +14,15 @@ from tests.s3server import S3Server, start_gateway, stop_gateway
 Copy = Callable[[Path], Path]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Remote downloads of every test go to a temporary cache, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("wmtp-cache")
+        patch.setenv("WMTP_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every kind of model the loader serves, by name."""

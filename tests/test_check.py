@@ -328,11 +328,6 @@ def test_remote_verify_hashes_downloads_into_cache_dir_only(
     assert sha256(stored) == sha256(models["gpt2_reference"] / "model.safetensors")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: check(verify_hashes=True) does not hash a remote file already in the cache, "
-    "so a wrong manifest sha256 goes unreported",
-)
 def test_remote_verify_hashes_also_hashes_cached_files(
     models: dict[str, Path], s3_server: S3Server, tmp_path: Path
 ) -> None:

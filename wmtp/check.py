@@ -78,7 +78,7 @@ def check(
         built.append(type(model).__name__)
         tensors = len(model.state_dict())
     except WmtpError as e:
-        problems.append(str(e))
+        problems.extend(e.problems or [str(e)])
     seconds = round(time.perf_counter() - start, 3)
     return CheckReport(location, tuple(problems), next(iter(built), None), tensors, seconds)
 
@@ -111,7 +111,7 @@ def _manifest_problems(
 
 
 def inspect_model(
-    location: str, *, storage_options: StorageOptions | None = None
+    location: str, *, storage_options: StorageOptions | None = None, cache_dir: str | None = None
 ) -> dict[str, Any]:
     """Metadata, required files with sizes, and tensor counts, dtypes and bytes from the
     safetensors headers alone; reads no weights.
@@ -126,7 +126,9 @@ def inspect_model(
     if indexes:
         from wmtp.weights import shard_names
 
-        paths = fetch(location, indexes, storage_options=storage_options, progress=False)
+        paths = fetch(
+            location, indexes, storage_options=storage_options, cache_dir=cache_dir, progress=False
+        )
         required += [s for n in indexes for s in shard_names(paths[n]) if s not in required]
     sizes = run_sync(_sizes(location, required, storage_options))
     infos = [

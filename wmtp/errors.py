@@ -10,7 +10,12 @@ from __future__ import annotations
 
 
 class WmtpError(Exception):
-    """Base of every error `wmtp` raises on purpose."""
+    """Base of every error `wmtp` raises on purpose.
+
+    `problems` lists the separate problems one error reports, when there are several.
+    """
+
+    problems: tuple[str, ...] = ()
 
 
 class MetadataError(WmtpError, ValueError):

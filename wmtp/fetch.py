@@ -113,7 +113,8 @@ def fetch(
         progress: a progress bar on stderr; None shows one when stderr is a terminal.
         manifest: expected size and sha256 per file. Sizes are always checked; a
             download is hashed while it is written; a local file is hashed if `verify`.
-        verify: hash local files against the manifest (they are read once more).
+        verify: hash local (and already cached) files against the manifest, reading
+            them once more; fresh downloads are always hashed as they are written.
         only_check: names among `files` to check (exist, manifest size) but not
             download; they are left out of the result.
 
@@ -163,11 +164,13 @@ async def _fetch(
         _check_size(plan, name, int(head["size"]))
     if plan.root is not None:
         if verify:
-            await asyncio.gather(*(asyncio.to_thread(_verify_file, plan, n) for n in files))
+            await asyncio.gather(*(_verify(plan, n, plan.root / n) for n in files))
         return {name: plan.root / name for name in files if name not in only_check}
     wanted = [name for name in files if name not in only_check]
     targets = {name: plan.folder / _version(found[name]) / name for name in wanted}
     todo = [name for name in wanted if not _complete(targets[name], found[name]["size"])]
+    if verify:  # cached copies were hashed when downloaded, but the manifest may be newer
+        await asyncio.gather(*(_verify(plan, n, targets[n]) for n in wanted if n not in todo))
     with _progress(sum(found[n]["size"] for n in todo), progress) as advance:
         limit = asyncio.Semaphore(PARALLEL)
         await asyncio.gather(
@@ -202,10 +205,11 @@ def _check_hash(plan: _Plan, name: str, digest: str) -> None:
         )
 
 
-def _verify_file(plan: _Plan, name: str) -> None:
-    if name in plan.manifest and plan.root is not None:
-        with (plan.root / name).open("rb") as f:
-            _check_hash(plan, name, hashlib.file_digest(f, "sha256").hexdigest())
+async def _verify(plan: _Plan, name: str, path: Path) -> None:
+    if name in plan.manifest:
+        with path.open("rb") as f:
+            digest = await asyncio.to_thread(hashlib.file_digest, f, "sha256")
+        _check_hash(plan, name, digest.hexdigest())
 
 
 async def _download(

@@ -118,9 +118,9 @@ def module_classes(module: ModuleType) -> list[str]:
 
 def auto_class_names() -> list[str]:
     """Names of the transformers Auto classes that build models."""
-    import transformers
+    from transformers.models.auto import modeling_auto
 
-    return sorted(n for n in dir(transformers) if n.startswith("AutoModel"))
+    return sorted(n for n in vars(modeling_auto) if n.startswith("AutoModel"))
 
 
 def auto_class(name: str, source: str) -> Any:

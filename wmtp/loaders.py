@@ -214,7 +214,13 @@ def _refusal(
     hints = [*([fix[0]] if fix else []), *_architecture_hint(config, model)]
     detail = "" if fits(mismatch) else describe(mismatch, model=type(model).__name__, hints=hints)
     if problems:
-        return MetadataError("\n".join([*problems, *([f"also, {detail}"] if detail else [])]))
+        also = [f"also, {detail}"] if detail else []
+        combined = MetadataError("\n".join([*problems, *also]))
+        combined.problems = (*problems, *([f"{source}: {detail}"] if detail else []))
+        return combined
+    refused = WeightsError(f"{source}: {detail}")
+    refused.fix = fix[1] if fix else None
+    return refused
     error = WeightsError(f"{source}: {detail}")
     error.fix = fix[1] if fix else None
     return error

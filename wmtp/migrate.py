@@ -20,7 +20,7 @@ import msgspec
 import obstore
 
 from wmtp.errors import MetadataError, ModelFileError, WeightsError
-from wmtp.fetch import file_manifest, read_file
+from wmtp.fetch import fetch, file_manifest, read_file
 from wmtp.instantiate import auto_class_for
 from wmtp.loaders import LOADERS, LoadOptions
 from wmtp.metadata import (
@@ -73,6 +73,7 @@ def migrate(
     algorithms: Sequence[str] = (),
     storage_options: StorageOptions | None = None,
     trust_code: bool = False,
+    cache_dir: str | None = None,
 ) -> Migration:
     """Propose v2 metadata (with a manifest) for the folder at `location`.
 
@@ -82,6 +83,7 @@ def migrate(
         algorithms: `algorithm_compatibility` to set (added to any already listed).
         storage_options: obstore configuration for a remote folder.
         trust_code: allow a remote folder's module to be imported for the key check.
+        cache_dir: where remote files (module, shard index) are cached.
 
     Raises:
         MetadataError: the evidence does not settle the class, the role or the key mapping.
@@ -125,12 +127,17 @@ def migrate(
         algorithm_compatibility=served,
         **carried,
     )
-    meta = msgspec.structs.replace(
-        meta, loading_strategy=_fitted(location, meta, storage_options, trust_code, notes)
+    options = LoadOptions(
+        storage_options=storage_options,
+        trust_code=trust_code,
+        cache_dir=cache_dir,
+        dry_run=True,
+        progress=False,
     )
+    meta = msgspec.structs.replace(meta, loading_strategy=_fitted(location, meta, options, notes))
     files = [
         *meta.loading_strategy.required_files,
-        *_shards(location, meta.loading_strategy, storage_options),
+        *_shards(location, meta.loading_strategy, options),
     ]
     meta = msgspec.structs.replace(meta, files=file_manifest(location, files, storage_options))
     dropped = sorted(set(old) - set(msgspec.structs.asdict(meta)) - {"loading_strategy"})
@@ -221,16 +228,9 @@ def _strategy(
 
 
 def _fitted(
-    location: str,
-    meta: Metadata,
-    storage_options: StorageOptions | None,
-    trust_code: bool,
-    notes: list[str],
+    location: str, meta: Metadata, options: LoadOptions, notes: list[str]
 ) -> LoadingStrategy:
     """The strategy with the key mapping under which the checkpoint fits the model."""
-    options = LoadOptions(
-        storage_options=storage_options, trust_code=trust_code, dry_run=True, progress=False
-    )
     loader = LOADERS[meta.loading_strategy.loader_type]
     try:
         loader(location, meta, options)
@@ -245,13 +245,15 @@ def _fitted(
         return fixed
 
 
-def _shards(
-    location: str, strategy: LoadingStrategy, storage_options: StorageOptions | None
-) -> list[str]:
-    from wmtp.fetch import fetch
-
+def _shards(location: str, strategy: LoadingStrategy, options: LoadOptions) -> list[str]:
     indexes = [n for n in strategy.required_files if n.endswith(INDEX_SUFFIX)]
-    paths = fetch(location, indexes, storage_options=storage_options, progress=False)
+    paths = fetch(
+        location,
+        indexes,
+        storage_options=options.storage_options,
+        cache_dir=options.cache_dir,
+        progress=False,
+    )
     return [s for n in indexes for s in shard_names(paths[n])]
 
 
