@@ -1,7 +1,8 @@
-"""Checkpoint tensors from safetensors files, memory-mapped rather than copied."""
+"""Checkpoint tensors from safetensors files: headers read alone, data memory-mapped."""
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -17,6 +18,24 @@ if TYPE_CHECKING:
 
 INDEX_SUFFIX: Final = ".safetensors.index.json"
 _MAX_HEADER: Final = 100 * 2**20  # safetensors' own limit
+# safetensors dtype -> torch dtype attribute
+DTYPES: Final = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 class TensorInfo(msgspec.Struct, frozen=True):
@@ -42,31 +61,6 @@ def shard_names(index_path: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys(index.weight_map.values()))
 
 
-def read_tensors(
-    paths: Sequence[Path], dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    """Every tensor in the safetensors files `paths` (keys already checked unique).
-
-    Without `dtype`, each tensor is a view of a memory map of its file: nothing is
-    read until it is used, and nothing is copied. With `dtype`, floating tensors are
-    read one at a time and cast, so memory holds the cast model plus one tensor,
-    never the whole checkpoint twice.
-    """
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for path in paths:
-        if dtype is None:
-            with safe_open(path, framework="pt", backend="mmap") as f:
-                out.update(f.get_tensors())
-            continue
-        with safe_open(path, framework="pt", backend="pread") as f:
-            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                tensor = f.get_tensor(key)
-                out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return out
-
-
 def read_header(
     location: str, name: str, storage_options: StorageOptions | None = None
 ) -> dict[str, TensorInfo]:
@@ -78,16 +72,8 @@ def read_header(
     """
     store, url = open_store(location, storage_options), join(location, name)
     with translate(url):
-        length = int.from_bytes(bytes(obstore.get_range(store, name, start=0, length=8)), "little")
-        if not 2 <= length <= _MAX_HEADER:
-            raise MetadataError(f"{url}: not a safetensors file (header length {length})")
-        raw = bytes(obstore.get_range(store, name, start=8, length=length))
-    try:
-        table = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
-        table.pop("__metadata__", None)
-        return {key: msgspec.json.decode(value, type=TensorInfo) for key, value in table.items()}
-    except msgspec.MsgspecError as e:
-        raise MetadataError(f"{url}: not a safetensors header: {e}") from None
+        length = _header_length(bytes(obstore.get_range(store, name, start=0, length=8)), url)
+        return _decode_header(bytes(obstore.get_range(store, name, start=8, length=length)), url)
 
 
 def header_shapes(
@@ -108,3 +94,65 @@ def header_shapes(
                 )
             owner[key], out[key] = join(location, name), info.shape
     return out
+
+
+def read_tensors(
+    paths: Sequence[Path], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor in the local safetensors files `paths` (keys already checked unique).
+
+    Each tensor is a view of a private memory map of its file: nothing is read
+    until it is used, nothing is copied, and writing to it never touches the file.
+    With `dtype`, floating tensors are cast one at a time and the mapped pages each
+    came from are released at once, so memory holds the cast model plus one tensor,
+    never the checkpoint twice.
+    """
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for path in paths:
+        with path.open("rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        length = _header_length(mapped[:8], str(path))
+        base = 8 + length
+        for key, info in _decode_header(mapped[8:base], str(path)).items():
+            start, end = (base + offset for offset in info.data_offsets)
+            kind: torch.dtype = getattr(torch, DTYPES[info.dtype])
+            tensor = (
+                torch.frombuffer(
+                    mapped, dtype=kind, count=(end - start) // kind.itemsize, offset=start
+                )
+                if end > start
+                else torch.empty(0, dtype=kind)
+            ).view(info.shape)
+            if dtype is not None and tensor.is_floating_point() and kind != dtype:
+                tensor = tensor.to(dtype)
+                _release(mapped, start, end)
+            out[key] = tensor
+    return out
+
+
+def _release(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Drop the whole pages of [start, end) from this process (they stay in the page cache)."""
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _header_length(prefix: bytes, url: str) -> int:
+    length = int.from_bytes(prefix[:8], "little")
+    if len(prefix) < 8 or not 2 <= length <= _MAX_HEADER:
+        raise MetadataError(f"{url}: not a safetensors file (header length {length})")
+    return length
+
+
+def _decode_header(raw: bytes, url: str) -> dict[str, TensorInfo]:
+    try:
+        table = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
+        table.pop("__metadata__", None)
+        infos = {key: msgspec.json.decode(value, type=TensorInfo) for key, value in table.items()}
+    except msgspec.MsgspecError as e:
+        raise MetadataError(f"{url}: not a safetensors header: {e}") from None
+    if unknown := sorted({i.dtype for i in infos.values()} - DTYPES.keys()):
+        raise MetadataError(f"{url}: unsupported tensor dtype(s) {', '.join(unknown)}")
+    return infos
