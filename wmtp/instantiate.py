@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 # Module.register_parameter is patched process-wide while a model is built; one build at a time.
 _BUILD_LOCK = threading.Lock()
+# Random fills that initialisers call: pointless on meta tensors, and slow there (~1 ms each).
+_FILLS = ("normal_", "uniform_", "fill_", "zero_")
 
 
 @contextmanager
@@ -36,18 +38,26 @@ def _meta_parameters() -> Iterator[None]:
     import torch
 
     original = torch.nn.Module.register_parameter
+    fills = {name: getattr(torch.Tensor, name) for name in _FILLS}
 
     def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         if param is not None and not param.is_meta:
             param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
+    def skip_on_meta(fill: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return lambda t, *args, **kwargs: t if t.is_meta else fill(t, *args, **kwargs)
+
     with _BUILD_LOCK:
         torch.nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+        for name, fill in fills.items():
+            setattr(torch.Tensor, name, skip_on_meta(fill))
         try:
             yield
         finally:
             torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+            for name, fill in fills.items():
+                setattr(torch.Tensor, name, fill)
 
 
 def build_empty(construct: Callable[[], torch.nn.Module]) -> torch.nn.Module:
