@@ -24,11 +24,12 @@ from collections.abc import (
     Callable,
     Collection,
     Coroutine,
+    Iterable,
     Iterator,
     Mapping,
     Sequence,
 )
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -173,9 +174,7 @@ async def _fetch(
         await asyncio.gather(*(_verify(plan, n, targets[n]) for n in wanted if n not in todo))
     with _progress(sum(found[n]["size"] for n in todo), progress) as advance:
         limit = asyncio.Semaphore(PARALLEL)
-        await asyncio.gather(
-            *(_download(store, plan, n, found[n], targets[n], limit, advance) for n in todo)
-        )
+        await _all(_download(store, plan, n, found[n], targets[n], limit, advance) for n in todo)
     return targets
 
 
@@ -259,15 +258,18 @@ async def _write_parts(
 ) -> str:
     """Download `name` in ranged parts into `fd`, and its sha256 computed on the way.
 
-    Parts arrive in any order but are hashed in order; a part waits in memory for its
-    predecessors, at most `2 * PARALLEL` of them per file.
+    Writing and hashing run in threads (both release the GIL), so the event loop keeps
+    every request in flight. Parts arrive in any order but are hashed in order by one
+    thread; a part waits in memory for its predecessors, at most `2 * PARALLEL` per file.
     """
+    loop = asyncio.get_running_loop()
     sha = hashlib.sha256()
     held: dict[int, Any] = {}
-    hashed = [0]  # offset up to which the file is hashed
+    hashed = [0]  # offset up to which the file is queued for hashing
     window = asyncio.Semaphore(2 * PARALLEL)
+    hashing: list[asyncio.Future[None]] = []
 
-    async def part(start: int, end: int) -> None:
+    async def part(start: int, end: int, writer: Executor, hasher: Executor) -> None:
         # If-Match pins every part to the version HEAD saw: a replaced object fails.
         options: GetOptions = {"range": (start, end)}
         if etag:
@@ -279,18 +281,33 @@ async def _write_parts(
                 data = await got.bytes_async()
         if len(data) != end - start:
             raise FetchError(f"{url}: {len(data)} bytes at {start}, not {end - start}")
-        os.pwrite(fd, data, start)
+        await loop.run_in_executor(writer, os.pwrite, fd, data, start)
         advance(len(data))
         held[start] = data
         while hashed[0] in held:
             chunk = held.pop(hashed[0])
-            sha.update(chunk)
             hashed[0] += len(chunk)
-            window.release()
+            hashing.append(loop.run_in_executor(hasher, sha.update, chunk))
+            hashing[-1].add_done_callback(lambda _: window.release())
 
-    ends = [(s, min(s + PART_SIZE, size)) for s in range(0, size, PART_SIZE)]
-    await asyncio.gather(*(part(start, end) for start, end in ends))
+    # Leaving the executors waits for their running jobs, so no write outlives the file.
+    with ThreadPoolExecutor(2) as writer, ThreadPoolExecutor(1) as hasher:
+        ends = [(s, min(s + PART_SIZE, size)) for s in range(0, size, PART_SIZE)]
+        await _all(part(start, end, writer, hasher) for start, end in ends)
+        await asyncio.gather(*hashing)
     return sha.hexdigest()
+
+
+async def _all(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Like `asyncio.gather`, but the first failure cancels the rest and waits for them."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _complete(path: Path, size: int) -> bool:
