@@ -113,40 +113,33 @@ def save_llama_mtp(dest: Path) -> Path:
     return dest
 
 
-def save_gpt2_reference(dest: Path) -> Path:
-    """A GPT-2 causal LM as reference model (fixture `distilgpt2`)."""
-    config = fixture_config("distilgpt2", **GPT2_SHRINK_ALL)
+def save_hf(dest: Path, fixture: str, auto: str, shrink: dict[str, Any], seed: int = 0) -> Path:
+    """A transformers model from a shared fixture's config, shrunk, with its published role."""
+    published = json.loads((REAL / fixture / "metadata.json").read_text())
     wmtp.save(
-        hf_model("AutoModelForCausalLM", config),
+        hf_model(auto, fixture_config(fixture, **shrink), seed),
         dest,
-        wmtp_type="reference_model",
-        algorithm_compatibility=["rho1-wmtp"],
+        wmtp_type=published["wmtp_type"],
+        algorithm_compatibility=published["algorithm_compatibility"],
     )
     return dest
+
+
+def save_gpt2_reference(dest: Path) -> Path:
+    """A GPT-2 causal LM as reference model (fixture `distilgpt2`)."""
+    return save_hf(dest, "distilgpt2", "AutoModelForCausalLM", GPT2_SHRINK_ALL)
 
 
 def save_gpt2_reward(dest: Path) -> Path:
     """A GPT-2 as reward model (fixture `tiny-reward-model-gpt2`)."""
-    config = fixture_config("tiny-reward-model-gpt2", **GPT2_SHRINK_ALL)
-    wmtp.save(
-        hf_model("AutoModelForCausalLM", config, seed=1),
-        dest,
-        wmtp_type="reward_model",
-        algorithm_compatibility=["critic-wmtp"],
-    )
-    return dest
+    return save_hf(dest, "tiny-reward-model-gpt2", "AutoModelForCausalLM", GPT2_SHRINK_ALL, 1)
 
 
 def save_distilbert_reward(dest: Path) -> Path:
-    """A DistilBERT sequence classifier as reward model (fixture `tiny-reward-model`)."""
-    config = fixture_config("tiny-reward-model", **DISTILBERT_SHRINK_ALL)
-    wmtp.save(
-        hf_model("AutoModelForSequenceClassification", config),
-        dest,
-        wmtp_type="reward_model",
-        algorithm_compatibility=["critic-wmtp"],
-    )
-    return dest
+    """A DistilBERT sequence classifier as reward model (fixture `tiny-reward-model`), saved
+    for AutoModelForSequenceClassification, not the AutoModel its published metadata names."""
+    auto = "AutoModelForSequenceClassification"
+    return save_hf(dest, "tiny-reward-model", auto, DISTILBERT_SHRINK_ALL)
 
 
 def with_real_metadata(src: Path, fixture: str, dest: Path) -> Path:
@@ -187,4 +180,12 @@ def refresh_manifest(folder: Path, name: str) -> None:
     data = json.loads(path.read_text())
     data.setdefault("files", {})
     data["files"] |= msgspec.to_builtins(file_manifest(str(folder), [name]))
+    path.write_text(json.dumps(data, indent=2))
+
+
+def set_manifest(folder: Path, name: str, **entry: Any) -> None:
+    """Set fields of `files[name]` in a folder's metadata.json (to make it lie)."""
+    path = folder / "metadata.json"
+    data = json.loads(path.read_text())
+    data["files"][name].update(entry)
     path.write_text(json.dumps(data, indent=2))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -32,14 +31,6 @@ KINDS = [  # name, class, how many of its state tensors are tied copies (not sto
     ("gpt2_reward", "GPT2LMHeadModel", 1),
     ("distilbert_reward", "DistilBertForSequenceClassification", 0),
 ]
-
-
-def set_manifest(folder: Path, name: str, **entry: Any) -> None:
-    """Set fields of `files[name]` in a folder's metadata.json."""
-    path = folder / "metadata.json"
-    data = json.loads(path.read_text())
-    data["files"][name].update(entry)
-    path.write_text(json.dumps(data, indent=2))
 
 
 def header_end(path: Path) -> int:
@@ -170,7 +161,7 @@ def test_manifest_size_mismatch_names_file_and_both_sizes(
 ) -> None:
     folder = copy(models["gpt2_reference"])
     actual = (folder / "config.json").stat().st_size
-    set_manifest(folder, "config.json", size=actual + 7)
+    builders.set_manifest(folder, "config.json", size=actual + 7)
     report = check(str(folder))
     assert report.problems == (
         f"{folder}/config.json has {actual} bytes, but metadata.json's manifest "
@@ -185,7 +176,7 @@ def test_wrong_sha256_is_reported_only_with_verify_hashes(
 ) -> None:
     folder = copy(models["gpt2_reward"])
     wrong = "ab" * 32
-    set_manifest(folder, "model.safetensors", sha256=wrong)
+    builders.set_manifest(folder, "model.safetensors", sha256=wrong)
     assert check(str(folder)).problems == ()  # documented: hashes only with verify_hashes
     report = check(str(folder), verify_hashes=True)
     actual = sha256(folder / "model.safetensors")
@@ -200,8 +191,8 @@ def test_wrong_sha256_is_reported_only_with_verify_hashes(
 def test_every_manifest_problem_in_one_report(models: dict[str, Path], copy: Copy) -> None:
     folder = copy(models["mtp"])
     sizes = {n: (folder / n).stat().st_size for n in ("config.json", "modeling.py")}
-    set_manifest(folder, "config.json", size=1)
-    set_manifest(folder, "modeling.py", size=2)
+    builders.set_manifest(folder, "config.json", size=1)
+    builders.set_manifest(folder, "modeling.py", size=2)
     problems = check(str(folder)).problems
     assert len(problems) == 2
     assert f"{folder}/config.json has {sizes['config.json']} bytes" in problems[0]
@@ -247,7 +238,7 @@ def test_cli_check_good_model_exits_0(
     out = capsys.readouterr().out
     assert f"location: {models['distilbert_reward']}" in out.splitlines()
     assert "model_class: DistilBertForSequenceClassification" in out.splitlines()
-    assert "problems: " in out.splitlines()
+    assert "problems: none" in out.splitlines()
 
 
 def test_cli_check_real_fixture_exits_1_with_problems(
@@ -279,7 +270,7 @@ def test_cli_check_verify_hashes_flag(
     models: dict[str, Path], copy: Copy, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = copy(models["mtp"])
-    set_manifest(folder, "modeling.py", sha256="0" * 64)
+    builders.set_manifest(folder, "modeling.py", sha256="0" * 64)
     assert main(["check", str(folder), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["problems"] == []
     assert main(["check", str(folder), "--json", "--verify-hashes"]) == 1
@@ -340,7 +331,7 @@ def test_remote_verify_hashes_also_hashes_cached_files(
     edited = tmp_path / "edited"
     edited.mkdir()
     (edited / "metadata.json").write_bytes((source / "metadata.json").read_bytes())
-    set_manifest(edited, "model.safetensors", sha256="0" * 64)
+    builders.set_manifest(edited, "model.safetensors", sha256="0" * 64)
     upload_folder(s3_server, edited, prefix)  # replaces metadata.json only
     report = check(url, storage_options=opts, cache_dir=str(cache), verify_hashes=True)
     assert report.problems == (

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 import obstore
 import pytest
 
 import wmtp
+from tests import builders
 from tests.conftest import Copy
 from tests.s3server import S3Server, make_store, storage_options, upload_folder
 from tests.test_load import assert_equals_file, file_tensors
-
-
-def set_manifest(folder: Path, name: str, **entry: Any) -> None:
-    """Set fields of `files[name]` in a folder's metadata.json."""
-    path = folder / "metadata.json"
-    data = json.loads(path.read_text())
-    data["files"][name].update(entry)
-    path.write_text(json.dumps(data, indent=2))
 
 
 def sha256(path: Path) -> str:
@@ -45,7 +36,7 @@ def test_size_mismatch_names_file_json_path_and_both_sizes(
 ) -> None:
     folder = copy(models["mtp"])
     actual = (folder / "model.safetensors").stat().st_size
-    set_manifest(folder, "model.safetensors", size=actual - 1)
+    builders.set_manifest(folder, "model.safetensors", size=actual - 1)
     with pytest.raises(wmtp.IntegrityError) as err:
         wmtp.load(str(folder))
     assert str(err.value) == (
@@ -72,7 +63,7 @@ def test_size_of_a_changed_small_file_is_checked(models: dict[str, Path], copy: 
 def test_sha256_mismatch_is_caught_only_with_verify(models: dict[str, Path], copy: Copy) -> None:
     folder = copy(models["gpt2_reward"])
     wrong = "0123456789abcdef" * 4
-    set_manifest(folder, "model.safetensors", sha256=wrong)
+    builders.set_manifest(folder, "model.safetensors", sha256=wrong)
     model = wmtp.load(str(folder))  # sizes agree; local files are hashed only on request
     assert_equals_file(model, file_tensors(folder))
     with pytest.raises(wmtp.IntegrityError) as err:
@@ -117,7 +108,7 @@ def test_remote_wrong_sha256_fails_and_caches_nothing(
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "metadata.json").write_bytes((source / "metadata.json").read_bytes())
-    set_manifest(bad, "model.safetensors", sha256=wrong)
+    builders.set_manifest(bad, "model.safetensors", sha256=wrong)
     store = make_store(s3_server, prefix)
     obstore.put(store, "metadata.json", bad / "metadata.json")
 
@@ -149,7 +140,7 @@ def test_remote_size_mismatch_downloads_nothing(
     for name in ("config.json", "modeling.py", "model.safetensors", "metadata.json"):
         (folder / name).write_bytes((source / name).read_bytes())
     actual = (folder / "model.safetensors").stat().st_size
-    set_manifest(folder, "model.safetensors", size=actual * 2)
+    builders.set_manifest(folder, "model.safetensors", size=actual * 2)
     upload_folder(s3_server, folder, prefix)
     url = f"s3://{s3_server.bucket}/{prefix}"
     cache = tmp_path / "cache"

@@ -259,7 +259,7 @@ def _text(value: Any, indent: int = 0) -> list[str]:
 
 def _flat(item: Any) -> str | None:
     if isinstance(item, list) and all(not isinstance(i, dict | list) for i in item):
-        joined = ", ".join(map(str, item))
+        joined = ", ".join(map(str, item)) or "none"
         return joined if "\n" not in joined and len(joined) <= 100 else None
     return None
 
