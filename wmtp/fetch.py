@@ -49,6 +49,7 @@ from wmtp.store import StorageOptions, join, local_root, open_store, translate
 # sync_file_range(2) where libc has it (Linux): flush one written range without the rest.
 _SYNC_FILE_RANGE: Final = getattr(ctypes.CDLL(None), "sync_file_range", None)
 PART_SIZE: Final = 16 * 2**20
+CHUNK_SIZE: Final = 2**20  # a part is written as it streams, in chunks of about this
 PARALLEL: Final = 8
 T = TypeVar("T")
 
@@ -265,55 +266,64 @@ async def _write_parts(
     """Download `name` in ranged parts into `fd`, and (if `want_hash`) its sha256 computed
     on the way; "" otherwise.
 
-    Writing and hashing run in threads (both release the GIL), so the event loop keeps
-    every request in flight. Parts arrive in any order but are hashed in order by one
-    thread; a part waits in memory for its predecessors, at most `2 * PARALLEL` per file.
+    Each part streams into the file in chunks as they arrive (no part is held whole just to
+    be written). Parts finish in any order but are hashed in order, by one thread; a part's
+    chunks wait in memory for its predecessors, at most `2 * PARALLEL` parts per file.
     """
     loop = asyncio.get_running_loop()
     sha = hashlib.sha256()
-    held: dict[int, Any] = {}
+    held: dict[int, list[Any]] = {}
     hashed = [0]  # offset up to which the file is queued for hashing
     window = asyncio.Semaphore(2 * PARALLEL)
     hashing: list[asyncio.Future[None]] = []
 
-    async def part(start: int, end: int, writer: Executor, hasher: Executor) -> None:
+    async def part(start: int, end: int, hasher: Executor) -> None:
         # If-Match pins every part to the version HEAD saw: a replaced object fails.
         options: GetOptions = {"range": (start, end)}
         if etag:
             options["if_match"] = etag
         await window.acquire()
+        chunks, offset = [], start
         async with limit:
             with translate(url):
                 got = await obstore.get_async(store, name, options=options)
-                data = await got.bytes_async()
-        if len(data) != end - start:
-            raise FetchError(f"{url}: {len(data)} bytes at {start}, not {end - start}")
-        await loop.run_in_executor(writer, _write, fd, data, start)
-        advance(len(data))
+                async for chunk in got.stream(min_chunk_size=CHUNK_SIZE):
+                    os.pwrite(fd, chunk, offset)  # a page-cache copy; shorter than a thread hop
+                    offset += len(chunk)
+                    advance(len(chunk))
+                    if want_hash:
+                        chunks.append(chunk)
+        if offset != end:
+            raise FetchError(f"{url}: {offset - start} bytes at {start}, not {end - start}")
+        _start_writeback(fd, start, end - start)
         if not want_hash:
             window.release()
             return
-        held[start] = data
+        held[start] = chunks
         while hashed[0] in held:
-            chunk = held.pop(hashed[0])
-            hashed[0] += len(chunk)
-            hashing.append(loop.run_in_executor(hasher, sha.update, chunk))
+            queued = held.pop(hashed[0])
+            hashed[0] += sum(len(c) for c in queued)
+            hashing.append(loop.run_in_executor(hasher, _update, sha, queued))
             hashing[-1].add_done_callback(lambda _: window.release())
 
-    # Leaving the executors waits for their running jobs, so no write outlives the file.
-    with ThreadPoolExecutor(2) as writer, ThreadPoolExecutor(1) as hasher:
+    # Leaving the executor waits for its running job, so no hash outlives the download.
+    with ThreadPoolExecutor(1) as hasher:
         ends = [(s, min(s + PART_SIZE, size)) for s in range(0, size, PART_SIZE)]
-        await _all(part(start, end, writer, hasher) for start, end in ends)
+        await _all(part(start, end, hasher) for start, end in ends)
         await asyncio.gather(*hashing)
     return sha.hexdigest() if want_hash else ""
 
 
-def _write(fd: int, data: Any, offset: int) -> None:
-    """Write a part and start its writeback at once (Linux), so the fsync before the
-    rename has less left to wait for."""
-    os.pwrite(fd, data, offset)
+def _update(sha: Any, chunks: list[Any]) -> None:
+    for chunk in chunks:
+        sha.update(chunk)
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a finished part to disk (Linux), so the fsync before the rename has
+    less left to wait for."""
     if _SYNC_FILE_RANGE is not None:  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait
-        _SYNC_FILE_RANGE(fd, ctypes.c_int64(offset), ctypes.c_int64(len(data)), ctypes.c_uint(2))
+        _SYNC_FILE_RANGE(fd, ctypes.c_int64(offset), ctypes.c_int64(length), ctypes.c_uint(2))
 
 
 async def _all(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
