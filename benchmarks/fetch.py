@@ -3,10 +3,13 @@
 Options: `[--size-mib 1024] [--runs 3] [--warmup 1] [--check] [--out PATH]`.
 
 Starts a JuiceFS S3 gateway on 127.0.0.1 (`tests.s3server`) in a temporary folder, uploads a
-random object of `--size-mib`, then times three ways of getting it into a new local file:
+random object of `--size-mib`, then times four ways of getting it into a new local file:
 
 - `wmtp`: `wmtp.fetch.fetch` into a fresh cache folder (parallel ranged GETs with If-Match,
-  sha256 on the way, fsync, atomic rename: what a load pays);
+  streamed into the file, fsync, atomic rename: what a load pays for a file its metadata's
+  manifest does not list);
+- `wmtp + sha256`: the same with a manifest entry for the file, so it is also hashed on the
+  way and checked (what a load pays for a file `wmtp.save` wrote);
 - `boto3`: the old loader's `download_file` with `TransferConfig(multipart_chunksize=25 MiB,
   max_concurrency=10)` (no hash, no fsync);
 - `local copy`: `shutil.copyfile` of the source file, the ceiling: it writes a new file like the
@@ -68,6 +71,7 @@ from tests.s3server import (
     storage_options,
 )
 from wmtp.fetch import fetch
+from wmtp.metadata import FileEntry
 
 MIB: Final = 2**20
 KEY_PREFIX: Final = "bench"
@@ -76,7 +80,7 @@ TARGET: Final = 1.3  # wmtp at least 1.3x as fast as boto3 (issue 3)
 MARGIN: Final = 1.2  # --check fails only under TARGET / MARGIN
 BOTO3_CHUNK: Final = 25 * MIB  # the old loader's TransferConfig
 BOTO3_CONCURRENCY: Final = 10
-METHODS: Final = ("wmtp", "boto3", "local copy")
+METHODS: Final = ("wmtp", "wmtp + sha256", "boto3", "local copy")
 WRITE_CHUNK: Final = 8 * MIB
 UPLOAD_PART: Final = 64 * MIB  # JuiceFS's chunk size
 SHM: Final = Path("/dev/shm")
@@ -221,11 +225,21 @@ def timed(action: Callable[[], Path], gateway_pid: int) -> tuple[Sample, Path]:
     return Sample(wall_s=wall, client_cpu_s=cpu, gateway_cpu_s=gateway), path
 
 
-def run_wmtp(url: str, options: dict[str, str], cache: Path) -> Callable[[], Path]:
-    """wmtp's fetch into `cache`, which must be new (a used one would download nothing)."""
+def run_wmtp(
+    url: str, options: dict[str, str], cache: Path, manifest: dict[str, FileEntry] | None = None
+) -> Callable[[], Path]:
+    """wmtp's fetch into `cache`, which must be new (a used one would download nothing);
+    with a manifest entry, the download is also hashed and checked as it is written."""
 
     def action() -> Path:
-        return fetch(url, [NAME], storage_options=options, cache_dir=cache, progress=False)[NAME]
+        return fetch(
+            url,
+            [NAME],
+            storage_options=options,
+            cache_dir=cache,
+            progress=False,
+            manifest=manifest,
+        )[NAME]
 
     return action
 
@@ -272,6 +286,12 @@ def one_round(
     actions = {
         "wmtp": run_wmtp(
             f"s3://{server.bucket}/{KEY_PREFIX}", storage_options(server), folders["wmtp"]
+        ),
+        "wmtp + sha256": run_wmtp(
+            f"s3://{server.bucket}/{KEY_PREFIX}",
+            storage_options(server),
+            folders["wmtp + sha256"],
+            {NAME: FileEntry(size=size, sha256=sha256)},
         ),
         "boto3": run_boto3(client, server.bucket, f"{KEY_PREFIX}/{NAME}", folders["boto3"] / NAME),
         "local copy": run_copy(source, folders["local copy"] / NAME),
