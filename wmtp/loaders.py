@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
-from wmtp.compare import Shape, compare, describe, fits, mapping_fix
+from wmtp.compare import Mismatch, Shape, compare, describe, fits, mapping_fix
 from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
 from wmtp.fetch import fetch
 from wmtp.instantiate import (
@@ -203,7 +203,7 @@ def _refusal(
     model: torch.nn.Module,
     config: PretrainedConfig,
     problems: list[str],
-    mismatch: Any,
+    mismatch: Mismatch,
     found: Mapping[str, Shape],
     meta: Metadata,
     expected: Mapping[str, Shape],
@@ -221,9 +221,6 @@ def _refusal(
     refused = WeightsError(f"{source}: {detail}")
     refused.fix = fix[1] if fix else None
     return refused
-    error = WeightsError(f"{source}: {detail}")
-    error.fix = fix[1] if fix else None
-    return error
 
 
 def _architecture_hint(config: PretrainedConfig, model: torch.nn.Module) -> list[str]:
