@@ -10,7 +10,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Mapping
-from typing import Any, Final, Literal, get_args
+from typing import Final, Literal, get_args
 
 import msgspec
 
@@ -204,7 +204,3 @@ def encode_metadata(meta: Metadata) -> bytes:
     """The JSON bytes of `meta`, indented, fields in schema order."""
     return msgspec.json.format(msgspec.json.encode(meta), indent=2) + b"\n"
 
-
-def to_builtins(meta: Metadata) -> Any:
-    """`meta` as plain dicts and lists (for printing and JSON output)."""
-    return msgspec.to_builtins(meta)
