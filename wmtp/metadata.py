@@ -203,4 +203,3 @@ def _check_relative(name: str, json_path: str, source: str) -> None:
 def encode_metadata(meta: Metadata) -> bytes:
     """The JSON bytes of `meta`, indented, fields in schema order."""
     return msgspec.json.format(msgspec.json.encode(meta), indent=2) + b"\n"
-
