@@ -49,7 +49,16 @@ def resolve(
         >>> resolve("critic-wmtp", ["models/mtp", "models/rm"], role="reward_model")
         'models/rm'
     """
-    found = candidates(algo, paths, role=role, storage_options=storage_options)
+    return choose(candidates(algo, paths, role=role, storage_options=storage_options), algo, role)
+
+
+def choose(found: Sequence[Candidate], algo: str, role: str | None = None) -> str:
+    """The first candidate that serves `algo`, as judged by `candidates`.
+
+    Raises:
+        NoCompatibleModelError: none does; every candidate's reason is listed, and a
+            close algorithm name when `algo` looks like a typo.
+    """
     chosen = next((c.location for c in found if c.reason is None), None)
     if chosen is not None:
         return chosen
