@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from typing import Any
 
 import msgspec
-import obstore
 
 from wmtp.errors import IntegrityError, WmtpError
-from wmtp.fetch import fetch, run_sync
+from wmtp.fetch import fetch, file_sizes
 from wmtp.load import read_metadata
 from wmtp.loaders import LOADERS, LoadOptions
-from wmtp.store import StorageOptions, join, open_store, translate
-from wmtp.weights import INDEX_SUFFIX, read_header
+from wmtp.store import StorageOptions
+from wmtp.weights import INDEX_SUFFIX, listed_shards, read_header
 
 
 class CheckReport(msgspec.Struct, frozen=True):
@@ -58,7 +56,7 @@ def check(
     """
     start = time.perf_counter()
     problems: list[str] = []
-    built: list[str] = []
+    model_class: str | None = None
     tensors = 0
     try:
         meta = read_metadata(location, storage_options=storage_options)
@@ -75,12 +73,11 @@ def check(
         )
         unchecked = msgspec.structs.replace(meta, files=None)  # its problems are listed above
         model = LOADERS[meta.loading_strategy.loader_type](location, unchecked, options)
-        built.append(type(model).__name__)
-        tensors = len(model.state_dict())
+        model_class, tensors = type(model).__name__, len(model.state_dict())
     except WmtpError as e:
         problems.extend(e.problems or [str(e)])
     seconds = round(time.perf_counter() - start, 3)
-    return CheckReport(location, tuple(problems), next(iter(built), None), tensors, seconds)
+    return CheckReport(location, tuple(problems), model_class, tensors, seconds)
 
 
 def _manifest_problems(
@@ -123,14 +120,9 @@ def inspect_model(
     meta = read_metadata(location, storage_options=storage_options)
     required = list(meta.loading_strategy.required_files)
     indexes = [n for n in required if n.endswith(INDEX_SUFFIX)]
-    if indexes:
-        from wmtp.weights import shard_names
-
-        paths = fetch(
-            location, indexes, storage_options=storage_options, cache_dir=cache_dir, progress=False
-        )
-        required += [s for n in indexes for s in shard_names(paths[n]) if s not in required]
-    sizes = run_sync(_sizes(location, required, storage_options))
+    shards = listed_shards(location, indexes, storage_options=storage_options, cache_dir=cache_dir)
+    required += [s for s in shards if s not in required]
+    sizes = file_sizes(location, required, storage_options)
     infos = [
         info
         for name in required
@@ -147,18 +139,3 @@ def inspect_model(
             "bytes": sum(i.data_offsets[1] - i.data_offsets[0] for i in infos),
         },
     }
-
-
-async def _sizes(
-    location: str, names: list[str], storage_options: StorageOptions | None
-) -> dict[str, int | None]:
-    store = open_store(location, storage_options)
-
-    async def size(name: str) -> int | None:
-        try:
-            with translate(join(location, name)):
-                return int((await obstore.head_async(store, name))["size"])
-        except FileNotFoundError:
-            return None
-
-    return dict(zip(names, await asyncio.gather(*map(size, names)), strict=True))

@@ -97,6 +97,19 @@ def file_manifest(
     return out
 
 
+def file_sizes(
+    location: str, names: Sequence[str], storage_options: StorageOptions | None = None
+) -> dict[str, int | None]:
+    """Each file's size from a HEAD (all at once), None where it is missing; reads no data."""
+    store = open_store(location, storage_options)
+
+    async def heads() -> list[Mapping[str, Any] | None]:
+        return await asyncio.gather(*(_head(store, location, name) for name in names))
+
+    found = run_sync(heads())
+    return {n: None if h is None else int(h["size"]) for n, h in zip(names, found, strict=True)}
+
+
 def fetch(
     location: str,
     files: Sequence[str],

@@ -20,7 +20,7 @@ import msgspec
 import obstore
 
 from wmtp.errors import MetadataError, ModelFileError, WeightsError
-from wmtp.fetch import fetch, file_manifest, read_file
+from wmtp.fetch import file_manifest, read_file
 from wmtp.instantiate import auto_class_for
 from wmtp.loaders import LOADERS, LoadOptions
 from wmtp.metadata import (
@@ -31,7 +31,7 @@ from wmtp.metadata import (
     encode_metadata,
 )
 from wmtp.store import StorageOptions, join, local_root, open_store, translate
-from wmtp.weights import INDEX_SUFFIX, shard_names
+from wmtp.weights import INDEX_SUFFIX, listed_shards
 
 _CARRIED = (
     "training_algorithm",
@@ -135,10 +135,10 @@ def migrate(
         progress=False,
     )
     meta = msgspec.structs.replace(meta, loading_strategy=_fitted(location, meta, options, notes))
-    files = [
-        *meta.loading_strategy.required_files,
-        *_shards(location, meta.loading_strategy, options),
-    ]
+    required = meta.loading_strategy.required_files
+    indexes = [n for n in required if n.endswith(INDEX_SUFFIX)]
+    shards = listed_shards(location, indexes, storage_options=storage_options, cache_dir=cache_dir)
+    files = [*required, *shards]
     meta = msgspec.structs.replace(meta, files=file_manifest(location, files, storage_options))
     dropped = sorted(set(old) - set(msgspec.structs.asdict(meta)) - {"loading_strategy"})
     if dropped:
@@ -243,18 +243,6 @@ def _fitted(
         mapping = msgspec.json.encode(e.fix).decode()
         notes.append(f"the checkpoint's keys fit with state_dict_mapping {mapping}")
         return fixed
-
-
-def _shards(location: str, strategy: LoadingStrategy, options: LoadOptions) -> list[str]:
-    indexes = [n for n in strategy.required_files if n.endswith(INDEX_SUFFIX)]
-    paths = fetch(
-        location,
-        indexes,
-        storage_options=options.storage_options,
-        cache_dir=options.cache_dir,
-        progress=False,
-    )
-    return [s for n in indexes for s in shard_names(paths[n])]
 
 
 def _top_level_names(location: str, storage_options: StorageOptions | None) -> list[str]:

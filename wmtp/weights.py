@@ -11,6 +11,7 @@ import msgspec
 import obstore
 
 from wmtp.errors import MetadataError, WeightsError
+from wmtp.fetch import fetch
 from wmtp.store import StorageOptions, join, open_store, translate
 
 if TYPE_CHECKING:
@@ -59,6 +60,22 @@ def shard_names(index_path: Path) -> tuple[str, ...]:
     except msgspec.MsgspecError as e:
         raise MetadataError(f"{index_path}: not a safetensors shard index: {e}") from None
     return tuple(dict.fromkeys(index.weight_map.values()))
+
+
+def listed_shards(
+    location: str,
+    indexes: Sequence[str],
+    *,
+    storage_options: StorageOptions | None = None,
+    cache_dir: str | None = None,
+) -> list[str]:
+    """The shard files that the shard indexes `indexes` at `location` list (fetching them)."""
+    if not indexes:
+        return []
+    paths = fetch(
+        location, indexes, storage_options=storage_options, cache_dir=cache_dir, progress=False
+    )
+    return list(dict.fromkeys(s for n in indexes for s in shard_names(paths[n])))
 
 
 def read_header(
