@@ -11,7 +11,7 @@ import msgspec
 from wmtp.errors import IntegrityError, WmtpError
 from wmtp.fetch import fetch, file_sizes
 from wmtp.load import read_metadata
-from wmtp.loaders import LOADERS, LoadOptions
+from wmtp.loaders import LOADERS, dry_run_options
 from wmtp.store import StorageOptions
 from wmtp.weights import INDEX_SUFFIX, listed_shards, read_header
 
@@ -64,13 +64,7 @@ def check(
         problems += _manifest_problems(
             location, manifest, storage_options, verify_hashes, cache_dir
         )
-        options = LoadOptions(
-            storage_options=storage_options,
-            trust_code=trust_code,
-            cache_dir=cache_dir,
-            dry_run=True,
-            progress=False,
-        )
+        options = dry_run_options(storage_options, trust_code, cache_dir)
         unchecked = msgspec.structs.replace(meta, files=None)  # its problems are listed above
         model = LOADERS[meta.loading_strategy.loader_type](location, unchecked, options)
         model_class, tensors = type(model).__name__, len(model.state_dict())

@@ -52,6 +52,19 @@ class LoadOptions(msgspec.Struct, frozen=True, kw_only=True):
     timings: dict[str, float] | None = None  # filled with seconds per phase, when given
 
 
+def dry_run_options(
+    storage_options: StorageOptions | None, trust_code: bool, cache_dir: str | None
+) -> LoadOptions:
+    """Options for a loader run that checks everything from headers and reads no weights."""
+    return LoadOptions(
+        storage_options=storage_options,
+        trust_code=trust_code,
+        cache_dir=cache_dir,
+        dry_run=True,
+        progress=False,
+    )
+
+
 Loader = Callable[[str, Metadata, LoadOptions], "torch.nn.Module"]
 Construct = Callable[[], "torch.nn.Module"]
 

@@ -22,7 +22,7 @@ import obstore
 from wmtp.errors import MetadataError, ModelFileError, WeightsError
 from wmtp.fetch import file_manifest, read_file
 from wmtp.instantiate import auto_class_for
-from wmtp.loaders import LOADERS, LoadOptions
+from wmtp.loaders import LOADERS, LoadOptions, dry_run_options
 from wmtp.metadata import (
     LoadingStrategy,
     Metadata,
@@ -33,17 +33,10 @@ from wmtp.metadata import (
 from wmtp.store import StorageOptions, join, local_root, open_store, translate
 from wmtp.weights import INDEX_SUFFIX, listed_shards
 
-_CARRIED = (
-    "training_algorithm",
-    "base_architecture",
-    "horizon",
-    "n_heads",
-    "model_size",
-    "created_by",
-    "standardization_date",
-    "original_format",
-    "source_path",
-)
+# Descriptive fields an old metadata.json may already carry: every schema field but those
+# migrate itself decides.
+_DECIDED = {"wmtp_type", "storage_version", "loading_strategy", "algorithm_compatibility", "files"}
+_CARRIED = tuple(f.name for f in msgspec.structs.fields(Metadata) if f.name not in _DECIDED)
 
 
 class Migration(msgspec.Struct, frozen=True):
@@ -127,13 +120,7 @@ def migrate(
         algorithm_compatibility=served,
         **carried,
     )
-    options = LoadOptions(
-        storage_options=storage_options,
-        trust_code=trust_code,
-        cache_dir=cache_dir,
-        dry_run=True,
-        progress=False,
-    )
+    options = dry_run_options(storage_options, trust_code, cache_dir)
     meta = msgspec.structs.replace(meta, loading_strategy=_fitted(location, meta, options, notes))
     required = meta.loading_strategy.required_files
     indexes = [n for n in required if n.endswith(INDEX_SUFFIX)]
@@ -162,8 +149,8 @@ def write_migration(migration: Migration, *, storage_options: StorageOptions | N
         if migration.old is None:
             obstore.put(store, "metadata.json", new, mode="create")
             return ""
-        head = obstore.head(store, "metadata.json")
-        current = bytes(obstore.get(store, "metadata.json").bytes()).decode()
+        got = obstore.get(store, "metadata.json")  # content and ETag of one and the same version
+        current = bytes(got.bytes()).decode()
         if current != migration.old:
             raise MetadataError(
                 f"{join(location, 'metadata.json')} changed since it was read; migrate again"
@@ -175,7 +162,12 @@ def write_migration(migration: Migration, *, storage_options: StorageOptions | N
             tmp.write_bytes(new)
             tmp.replace(root / "metadata.json")
         else:
-            obstore.put(store, "metadata.json", new, mode={"e_tag": head["e_tag"]})
+            if not (etag := got.meta["e_tag"]):
+                raise MetadataError(
+                    f"{join(location, 'metadata.json')}: the store gives no ETag, so it cannot "
+                    "be replaced only-if-unchanged; write the proposal by hand"
+                )
+            obstore.put(store, "metadata.json", new, mode={"e_tag": etag})
     return join(location, backup)
 
 
