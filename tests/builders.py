@@ -20,7 +20,7 @@ import transformers
 from safetensors.torch import save_file
 
 import wmtp
-from wmtp.fetch import file_manifest
+from wmtp.save import file_manifest
 
 FIXTURES: Final = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 REAL: Final = FIXTURES / "wmtp-v2-real"

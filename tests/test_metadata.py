@@ -10,7 +10,7 @@ import pytest
 
 import wmtp
 from tests.builders import FIXTURES, REAL
-from wmtp.metadata import LoaderType, decode_metadata, encode_metadata
+from wmtp.metadata import LoaderType, decode_metadata, encode_metadata, loader_type
 
 
 def good() -> dict[str, Any]:
@@ -28,7 +28,7 @@ def test_every_real_file_decodes(folder: str) -> None:
     path = REAL / folder / "metadata.json"
     raw = json.loads(path.read_text())
     meta = decode_metadata(path.read_bytes(), source=str(path))
-    assert meta.loading_strategy.loader_type == raw["loading_strategy"]["loader_type"]
+    assert loader_type(meta.loading_strategy) == raw["loading_strategy"]["loader_type"]
     assert list(meta.algorithm_compatibility) == raw["algorithm_compatibility"]
     assert list(meta.loading_strategy.required_files) == raw["loading_strategy"]["required_files"]
     assert meta.source_path == raw["source_path"]
@@ -99,7 +99,7 @@ def test_each_mistake_names_file_path_and_fix(
 def test_custom_loader_needs_class_and_module() -> None:
     data = good()
     data["loading_strategy"].update(loader_type="custom_mtp", transformers_class=None)
-    with pytest.raises(wmtp.MetadataError, match=r"model_class_name` is required"):
+    with pytest.raises(wmtp.MetadataError, match=r"model_class_name`; custom_mtp needs it"):
         decode(data)
     data["loading_strategy"].update(model_class_name="M", custom_module_file="modeling.py")
     with pytest.raises(wmtp.MetadataError, match=r"'modeling.py' is not listed"):

@@ -1,19 +1,23 @@
-"""Look at a model folder without loading its weights: `inspect_model` and `check`."""
+"""Look at a model folder without loading its weights: `check` and `inspect_model`.
+
+Both compose the functions `load` is made of, stopping before any weight byte is read.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 from wmtp.errors import IntegrityError, WmtpError
-from wmtp.fetch import fetch, file_sizes
-from wmtp.load import read_metadata
-from wmtp.loaders import LOADERS, dry_run_options
+from wmtp.fetch import check_file, fetch, heads, require
+from wmtp.load import fetch_files, plan
+from wmtp.metadata import SAFETENSORS, FileEntry, Metadata, read_metadata
 from wmtp.store import StorageOptions
-from wmtp.weights import INDEX_SUFFIX, listed_shards, read_header
+from wmtp.weights import checkpoint_names, read_header
 
 
 class CheckReport(msgspec.Struct, frozen=True):
@@ -34,70 +38,71 @@ def check(
     verify_hashes: bool = False,
     cache_dir: str | None = None,
 ) -> CheckReport:
-    """A dry run of `load` that reads no weight bytes, reporting every problem it meets.
+    """What `load` would say, without reading a weight byte: every problem it meets.
 
-    Checks the metadata, that every required file exists, sizes (and with
-    `verify_hashes`, SHA-256) against the manifest, then builds the model on the
-    meta device and compares the remapped checkpoint keys and shapes, from the
-    safetensors headers, with it exactly.
+    Checks the metadata, that every required file exists, sizes (and with `verify_hashes`,
+    SHA-256) against the manifest, then builds the model on the meta device and compares
+    the remapped checkpoint keys and shapes, from the safetensors headers, exactly.
 
     Args:
         location: model folder or URL.
         storage_options: obstore configuration for a remote location.
         trust_code: allow a remote model's own module to be imported.
-        verify_hashes: hash the files against the manifest (reads them; downloads
-            remote ones into the cache).
+        verify_hashes: hash the files against the manifest (reads them; downloads remote
+            ones into the cache).
         cache_dir: where remote files go.
 
     Example:
-        >>> report = check("models/distilgpt2-mtp")
-        >>> report.problems
+        >>> check("models/distilgpt2-mtp").problems
         ("… model_class_name 'GPTMTPForCausalLM' is not defined in modeling.py …",)
     """
-    start = time.perf_counter()
-    problems: list[str] = []
-    model_class: str | None = None
-    tensors = 0
+    start, problems, model = time.perf_counter(), [], None
+    options: dict[str, Any] = {"storage_options": storage_options, "cache_dir": cache_dir}
     try:
         meta = read_metadata(location, storage_options=storage_options)
-        manifest = meta.files or {}
-        problems += _manifest_problems(
-            location, manifest, storage_options, verify_hashes, cache_dir
-        )
-        options = dry_run_options(storage_options, trust_code, cache_dir)
+        problems += _manifest_problems(location, meta.files or {}, verify_hashes, options)
         unchecked = msgspec.structs.replace(meta, files=None)  # its problems are listed above
-        model = LOADERS[meta.loading_strategy.loader_type](location, unchecked, options)
-        model_class, tensors = type(model).__name__, len(model.state_dict())
+        model = plan_from_headers(location, unchecked, trust_code, options)
     except WmtpError as e:
         problems.extend(e.problems or [str(e)])
-    seconds = round(time.perf_counter() - start, 3)
-    return CheckReport(location, tuple(problems), model_class, tensors, seconds)
+    tensors = len(model.state_dict()) if model is not None else 0
+    name = type(model).__name__ if model is not None else None
+    return CheckReport(
+        location, tuple(problems), name, tensors, round(time.perf_counter() - start, 3)
+    )
+
+
+def plan_from_headers(
+    location: str, meta: Metadata, trust_code: bool, options: dict[str, Any]
+) -> Any:
+    """`plan` with the checkpoint's headers read in place (two small ranged reads per file):
+    the empty model, or the error `load` would raise. Downloads no weights."""
+    required = meta.loading_strategy.required_files
+    require(location, heads(location, required, options["storage_options"]))  # all at once
+    small = [n for n in required if not n.endswith(SAFETENSORS)]
+    files = fetch_files(location, meta, small, trust_code=trust_code, progress=False, **options)
+    names = checkpoint_names(required, files)
+    sizes = require(location, heads(location, names, options["storage_options"]))
+    storage = options["storage_options"]
+    headers = {n: read_header(location, n, int(sizes[n]["size"]), storage) for n in names}
+    return plan(location, meta, files, headers)[0]
 
 
 def _manifest_problems(
-    location: str,
-    manifest: dict[str, Any],
-    storage_options: StorageOptions | None,
-    verify: bool,
-    cache_dir: str | None,
+    location: str, manifest: Mapping[str, FileEntry], verify: bool, options: dict[str, Any]
 ) -> list[str]:
     problems = []
     for name in manifest:
         try:
-            fetch(
-                location,
-                [name],
-                storage_options=storage_options,
-                cache_dir=cache_dir,
-                manifest={name: manifest[name]},
-                verify=verify,
-                only_check=() if verify else [name],
-                progress=False,
-            )
+            if verify:
+                fetch(location, [name], manifest=manifest, verify=True, progress=False, **options)
+            else:
+                found = require(location, heads(location, [name], options["storage_options"]))
+                check_file(location, name, manifest, size=int(found[name]["size"]))
         except IntegrityError as e:
             problems.append(str(e))
         except WmtpError:
-            pass  # a missing file is reported by the dry run, once
+            pass  # a missing file is reported once, by the rest of the check
     return problems
 
 
@@ -112,21 +117,25 @@ def inspect_model(
         {'count': 31, 'dtypes': {'F32': 31}, 'bytes': 241152}
     """
     meta = read_metadata(location, storage_options=storage_options)
-    required = list(meta.loading_strategy.required_files)
-    indexes = [n for n in required if n.endswith(INDEX_SUFFIX)]
-    shards = listed_shards(location, indexes, storage_options=storage_options, cache_dir=cache_dir)
-    required += [s for s in shards if s not in required]
-    sizes = file_sizes(location, required, storage_options)
+    required = meta.loading_strategy.required_files
+    indexes = [n for n in required if not n.endswith(SAFETENSORS) and n.endswith(".json")]
+    files = fetch(
+        location, indexes, storage_options=storage_options, cache_dir=cache_dir, progress=False
+    )
+    names = checkpoint_names(required, files)
+    sizes = heads(location, list(dict.fromkeys([*required, *names])), storage_options)
     infos = [
         info
-        for name in required
-        if name.endswith(".safetensors") and sizes.get(name) is not None
-        for info in read_header(location, name, storage_options).values()
+        for name in names
+        if sizes[name] is not None
+        for info in read_header(
+            location, name, sizes[name]["size"], storage_options
+        ).tensors.values()
     ]
     return {
         "location": location,
         "metadata": msgspec.to_builtins(meta),
-        "files": sizes,
+        "files": {n: m and int(m["size"]) for n, m in sizes.items()},
         "tensors": {
             "count": len(infos),
             "dtypes": dict(sorted(Counter(i.dtype for i in infos).items())),

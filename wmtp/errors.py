@@ -1,19 +1,12 @@
-"""The exceptions `wmtp` raises: one family under `WmtpError`.
-
-Each is also a built-in exception, so callers can catch either the family
-(`except wmtp.WmtpError`) or the built-in they already handle
-(`except FileNotFoundError`). Messages say what went wrong, where (URL, file,
-JSON path, key) and how to fix it.
-"""
+"""The exceptions `wmtp` raises: one family under `WmtpError`, each also a built-in exception,
+so callers catch either (`except wmtp.WmtpError` or `except FileNotFoundError`). Messages say
+what went wrong, where (URL, file, JSON path, key) and how to fix it."""
 
 from __future__ import annotations
 
 
 class WmtpError(Exception):
-    """Base of every error `wmtp` raises on purpose.
-
-    `problems` lists the separate problems one error reports, when there are several.
-    """
+    """Base of every error `wmtp` raises on purpose; `problems` lists separate problems."""
 
     problems: tuple[str, ...] = ()
 
@@ -27,15 +20,12 @@ class ModelFileError(WmtpError, FileNotFoundError):
 
 
 class WeightsError(WmtpError, KeyError):
-    """The checkpoint's tensors do not fit the model: missing, unexpected or misshapen keys.
-
-    `fix`, when set, is a `StateDictMapping` under which every key fits (tried, not guessed).
-    """
+    """The checkpoint does not fit the model; `fix`, when set, is a `StateDictMapping`
+    under which every key fits (tried, not guessed)."""
 
     fix: object = None
 
-    def __str__(self) -> str:
-        # KeyError quotes its message; this one is prose, so show it as written.
+    def __str__(self) -> str:  # KeyError quotes its message; this one is prose
         return str(self.args[0]) if self.args else ""
 
 

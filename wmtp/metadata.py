@@ -1,24 +1,30 @@
-"""The `metadata.json` schema (storage version 2.0) and its decoder.
+"""The `metadata.json` schema (storage version 2.0): frozen msgspec Structs and one decoder.
 
-The metadata is the only thing that decides how a model loads: which loader,
-which class, which key mapping and which files. Nothing is guessed from the
-files a folder happens to contain.
+The metadata alone decides how a model loads; nothing is guessed from the files present.
+`loading_strategy` is a tagged union on `loader_type`, so the decoder itself enforces each
+loader's fields, path rules and key mapping, and every error carries its JSON path.
 """
 
 from __future__ import annotations
 
-import posixpath
 import re
-from collections.abc import Mapping
-from typing import Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 
-from wmtp.errors import MetadataError
+from wmtp.errors import MetadataError, ModelFileError
+from wmtp.store import StorageOptions, join, read_file
 
 LoaderType = Literal["custom_mtp", "huggingface"]
 WmtpType = Literal["base_model", "reference_model", "reward_model"]
-StorageVersion = Literal["2.0"]
+SAFETENSORS: Final = ".safetensors"
+INDEX: Final = ".safetensors.index.json"
+# A path inside the model folder: no '.', '..' or empty parts, no leading '/', no '\\' or ':'
+# (drive letters, URLs), no control characters. The same rule checks an index's shard names.
+_PART: Final = r"(?!\.\.?(?:/|\Z))[^/\\:\x00-\x1f]+"
+RelPath = Annotated[str, msgspec.Meta(pattern=rf"^{_PART}(?:/{_PART})*\Z")]
+PyPath = Annotated[str, msgspec.Meta(pattern=rf"^{_PART}(?:/{_PART})*\.py\Z")]
+Name = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -33,40 +39,86 @@ class StateDictMapping(Strict, frozen=True, kw_only=True):
     # Full-key regular expression -> replacement (groups allowed); None drops the key.
     key_transforms: dict[str, str | None] = {}
 
+    def __post_init__(self) -> None:  # msgspec reports a ValueError here with its JSON path
+        for pattern, replacement in self.key_transforms.items():
+            try:  # sub() parses the replacement against the pattern's groups before matching
+                re.compile(pattern).sub(replacement or "", "")
+            except re.error as e:
+                raise ValueError(
+                    f"key_transforms {pattern!r}: {replacement!r} is not a valid regular "
+                    f"expression and replacement: {e}"
+                ) from None
 
-class LoadingStrategy(Strict, frozen=True, kw_only=True):
-    """How to build the model and which files it needs."""
 
-    loader_type: LoaderType
-    model_class_name: str | None = None
-    custom_module_file: str | None = None
-    transformers_class: str | None = None
+class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
+    """What every loader needs: the key mapping and the files to fetch."""
+
     state_dict_mapping: StateDictMapping = StateDictMapping()
-    required_files: tuple[str, ...]
+    required_files: tuple[RelPath, ...]
+
+    def __post_init__(self) -> None:
+        files = self.required_files
+        if "config.json" not in files:
+            raise ValueError("`required_files` must list config.json")
+        if not any(f.endswith((SAFETENSORS, INDEX)) for f in files):
+            pickles = ", ".join(f for f in files if f.endswith((".bin", ".pt", ".pth")))
+            raise ValueError(
+                "`required_files` lists no safetensors checkpoint"
+                + (f" ({pickles} is a pickle, which wmtp does not load)" if pickles else "")
+                + "; save the weights as model.safetensors and list it"
+            )
+
+
+class CustomMTP(Strategy, frozen=True, kw_only=True, tag="custom_mtp"):
+    """A model whose class is defined in the folder's own module."""
+
+    model_class_name: Name
+    custom_module_file: PyPath
+    transformers_class: None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.custom_module_file not in self.required_files:
+            raise ValueError(
+                f"custom_module_file {self.custom_module_file!r} is not listed in "
+                "`required_files`; add it there so it is fetched with the model"
+            )
+
+
+class HuggingFace(Strategy, frozen=True, kw_only=True, tag="huggingface"):
+    """A transformers model built by an Auto class from `config.json`."""
+
+    transformers_class: Name
+    model_class_name: None = None
+    custom_module_file: None = None
+
+
+LoadingStrategy = CustomMTP | HuggingFace
+
+
+def loader_type(strategy: LoadingStrategy) -> LoaderType:
+    """The strategy's `loader_type` (the tag msgspec decoded it by)."""
+    tag: LoaderType = strategy.__struct_config__.tag  # type: ignore[assignment]
+    return tag
 
 
 class FileEntry(Strict, frozen=True, kw_only=True):
     """A file's expected size in bytes and SHA-256 (hex), from the integrity manifest."""
 
-    size: int
-    sha256: str
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 
 
 class Metadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A model folder's `metadata.json`.
-
-    Descriptive fields other tools wrote are accepted and kept out of the way;
-    everything under `loading_strategy` is checked strictly.
-    """
+    """A model folder's `metadata.json`; descriptive fields other tools wrote are kept aside."""
 
     wmtp_type: WmtpType
     training_algorithm: str | None = None
     base_architecture: str | None = None
-    storage_version: StorageVersion
+    storage_version: Literal["2.0"]
     loading_strategy: LoadingStrategy
     algorithm_compatibility: tuple[str, ...]
-    # Integrity manifest: file name -> size and sha256; checked when present.
-    files: dict[str, FileEntry] | None = None
+    files: dict[RelPath, FileEntry] | None = None  # integrity manifest, checked when present
     horizon: int | None = None
     n_heads: int | None = None
     model_size: str | None = None
@@ -76,19 +128,6 @@ class Metadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     source_path: str | None = None
 
 
-# Fields each loader needs beyond the common ones, checked after decoding.
-REQUIRED_FIELDS: Final[dict[LoaderType, tuple[str, ...]]] = {
-    "custom_mtp": ("model_class_name", "custom_module_file"),
-    "huggingface": ("transformers_class",),
-}
-
-# Allowed values of each enumerated field, for error messages that list them.
-_CHOICES: Final[dict[str, tuple[str, ...]]] = {
-    "$.wmtp_type": get_args(WmtpType),
-    "$.storage_version": get_args(StorageVersion),
-    "$.loading_strategy.loader_type": get_args(LoaderType),
-}
-
 EXAMPLE_STRATEGY: Final = """\
   "loading_strategy": {
     "loader_type": "huggingface",
@@ -97,7 +136,16 @@ EXAMPLE_STRATEGY: Final = """\
     "required_files": ["config.json", "model.safetensors"]
   },
   "algorithm_compatibility": ["rho1-wmtp"]"""
-
+# What to add to msgspec's own message when it names this field (or says this).
+_HINTS: Final = {
+    "loader_type`": f"expected one of {', '.join(map(repr, get_args(LoaderType)))}",
+    "wmtp_type`": f"expected one of {', '.join(map(repr, get_args(WmtpType)))}",
+    "model_class_name`": 'custom_mtp needs it, e.g. "model_class_name": "DistilGPT2MTP"',
+    "custom_module_file`": 'custom_mtp needs the module defining it, e.g. "modeling.py"',
+    "transformers_class`": 'huggingface needs it, e.g. "AutoModelForCausalLM"',
+    "matching regex": "name files relative to the model folder, without '..' or '.' parts, "
+    "a leading '/', '//', '\\' or ':' (a module file ends in .py)",
+}
 _decode: Final = msgspec.json.Decoder(Metadata).decode
 
 
@@ -109,23 +157,19 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
         source: where it came from (a path or URL), named in every error.
 
     Raises:
-        MetadataError: malformed JSON, a wrong type or value (with its JSON path),
-            a missing `loading_strategy`, a field the loader needs left empty, or a
-            file path that escapes the model folder.
+        MetadataError: malformed JSON, or a wrong type, value, path or key mapping, with
+            its JSON path and what to write instead.
 
     Example:
-        >>> meta = decode_metadata(Path("m/metadata.json").read_bytes(), source="m/metadata.json")
-        >>> meta.loading_strategy.loader_type
-        'custom_mtp'
+        >>> decode_metadata(Path("m/metadata.json").read_bytes(), source="m/metadata.json")
+        Metadata(wmtp_type='base_model', ...)
     """
     try:
-        meta = _decode(data)
+        return _decode(data)
     except msgspec.ValidationError as e:
         raise MetadataError(_explain(str(e), source)) from None
     except msgspec.DecodeError as e:
         raise MetadataError(f"{source}: not valid JSON: {e}") from None
-    _check_strategy(meta.loading_strategy, meta.files or {}, source)
-    return meta
 
 
 def _explain(message: str, source: str) -> str:
@@ -133,73 +177,36 @@ def _explain(message: str, source: str) -> str:
         return (
             f"{source} has no `loading_strategy`, so there is no way to know how to load "
             "this model (wmtp never guesses from the files present). Add one, for example:\n"
-            f"{EXAMPLE_STRATEGY}\n"
-            "with loader_type `custom_mtp` (plus model_class_name and custom_module_file) "
-            "for a model defined in the folder's own module."
+            f"{EXAMPLE_STRATEGY}\nwith loader_type `custom_mtp` (plus model_class_name and "
+            "custom_module_file) for a model defined in the folder's own module."
         )
     if " - at `" not in message:
         message += " - at `$`"  # msgspec leaves out the path when it is the root object
-    hint = ""
-    if message.startswith("Invalid enum value") and (m := re.search(r"at `(\$[^`]*)`", message)):
-        hint = f"; expected one of {', '.join(map(repr, _CHOICES.get(m.group(1), ())))}"
-    return f"{source}: {message}{hint}"
+    return "; ".join([f"{source}: {message}", *(h for w, h in _HINTS.items() if w in message)])
 
 
-def _check_strategy(
-    strategy: LoadingStrategy, manifest: Mapping[str, FileEntry], source: str
-) -> None:
-    at = "$.loading_strategy"
-    for field in REQUIRED_FIELDS[strategy.loader_type]:
-        if not getattr(strategy, field):
-            raise MetadataError(
-                f"{source}: `{at}.{field}` is required when loader_type is "
-                f"{strategy.loader_type!r}; set it (e.g. {_FIELD_EXAMPLES[field]})"
-            )
-    files = [(f"{at}.required_files[{i}]", name) for i, name in enumerate(strategy.required_files)]
-    if strategy.custom_module_file is not None:
-        files.append((f"{at}.custom_module_file", strategy.custom_module_file))
-    for path, name in files:
-        _check_relative(name, path, source)
-    for name in manifest:
-        _check_relative(name, f"$.files[{name!r}]", source)
-    if strategy.custom_module_file not in (None, *strategy.required_files):
-        raise MetadataError(
-            f"{source}: custom_module_file {strategy.custom_module_file!r} is not listed in "
-            f"`{at}.required_files`; add it there so it is fetched with the model"
-        )
-    for pattern in strategy.state_dict_mapping.key_transforms:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise MetadataError(
-                f"{source}: `{at}.state_dict_mapping.key_transforms` pattern {pattern!r} "
-                f"is not a valid regular expression: {e}"
-            ) from None
+def read_metadata(location: str, *, storage_options: StorageOptions | None = None) -> Metadata:
+    """The decoded `metadata.json` of the model at `location` (a folder or URL).
+
+    Raises:
+        ModelFileError: the location or its metadata.json does not exist.
+        MetadataError: the file does not decode or validate (see `decode_metadata`).
+
+    Example:
+        >>> read_metadata("examples/tiny-mtp").algorithm_compatibility
+        ('baseline-mtp', 'critic-wmtp', 'rho1-wmtp')
+    """
+    try:
+        data = read_file(location, "metadata.json", storage_options)
+    except ModelFileError as e:
+        raise ModelFileError(
+            f"{e}: every model folder needs a metadata.json that says how to load it, e.g.\n"
+            f'{{\n  "wmtp_type": "reference_model",\n  "storage_version": "2.0",\n'
+            f"{EXAMPLE_STRATEGY}\n}}"
+        ) from None
+    return decode_metadata(data, source=join(location, "metadata.json"))
 
 
-_FIELD_EXAMPLES: Final = {
-    "model_class_name": '"model_class_name": "DistilGPT2MTP"',
-    "custom_module_file": '"custom_module_file": "modeling.py"',
-    "transformers_class": '"transformers_class": "AutoModelForCausalLM"',
-}
-
-
-def _check_relative(name: str, json_path: str, source: str) -> None:
-    normal = posixpath.normpath(name)
-    if (
-        not name
-        or name.startswith(("/", "\\"))
-        or re.match(r"^[A-Za-z]:", name)
-        or "\\" in name
-        or normal == ".."
-        or normal.startswith("../")
-    ):
-        raise MetadataError(
-            f"{source}: `{json_path}` is {name!r}, which is not a path inside the model "
-            "folder; name files relative to the folder, without '..' or a leading '/'"
-        )
-
-
-def encode_metadata(meta: Metadata) -> bytes:
+def encode_metadata(meta: Metadata | dict[str, Any]) -> bytes:
     """The JSON bytes of `meta`, indented, fields in schema order."""
     return msgspec.json.format(msgspec.json.encode(meta), indent=2) + b"\n"

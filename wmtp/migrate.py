@@ -19,19 +19,23 @@ from typing import Any
 import msgspec
 import obstore
 
+from wmtp.build import auto_class_for
+from wmtp.check import plan_from_headers
 from wmtp.errors import MetadataError, ModelFileError, WeightsError
-from wmtp.fetch import file_manifest, read_file
-from wmtp.instantiate import auto_class_for
-from wmtp.loaders import LOADERS, LoadOptions, dry_run_options
+from wmtp.fetch import fetch
 from wmtp.metadata import (
+    INDEX,
+    CustomMTP,
+    HuggingFace,
     LoadingStrategy,
     Metadata,
     StateDictMapping,
     WmtpType,
     encode_metadata,
 )
-from wmtp.store import StorageOptions, join, local_root, open_store, translate
-from wmtp.weights import INDEX_SUFFIX, listed_shards
+from wmtp.save import file_manifest
+from wmtp.store import StorageOptions, join, local_root, open_store, read_file, translate
+from wmtp.weights import checkpoint_names
 
 # Descriptive fields an old metadata.json may already carry: every schema field but those
 # migrate itself decides.
@@ -120,12 +124,12 @@ def migrate(
         algorithm_compatibility=served,
         **carried,
     )
-    options = dry_run_options(storage_options, trust_code, cache_dir)
-    meta = msgspec.structs.replace(meta, loading_strategy=_fitted(location, meta, options, notes))
-    required = meta.loading_strategy.required_files
-    indexes = [n for n in required if n.endswith(INDEX_SUFFIX)]
-    shards = listed_shards(location, indexes, storage_options=storage_options, cache_dir=cache_dir)
-    files = [*required, *shards]
+    options: dict[str, Any] = {"storage_options": storage_options, "cache_dir": cache_dir}
+    fitted = _fitted(location, meta, trust_code, options, notes)
+    meta = msgspec.structs.replace(meta, loading_strategy=fitted)
+    indexes = [n for n in fitted.required_files if n.endswith(INDEX)]
+    shards = checkpoint_names(indexes, fetch(location, indexes, progress=False, **options))
+    files = list(dict.fromkeys([*fitted.required_files, *shards]))
     meta = msgspec.structs.replace(meta, files=file_manifest(location, files, storage_options))
     dropped = sorted(set(old) - set(msgspec.structs.asdict(meta)) - {"loading_strategy"})
     if dropped:
@@ -185,7 +189,7 @@ def _strategy(
         )
     arch = archs[0]
     # An index names its shards; without one, exactly one safetensors file must be there.
-    weights = [n for n in names if n.endswith(INDEX_SUFFIX)] or [
+    weights = [n for n in names if n.endswith(INDEX)] or [
         n for n in names if n.endswith(".safetensors")
     ]
     if len(weights) != 1:
@@ -204,8 +208,7 @@ def _strategy(
         n for n in names if n.endswith(".py") and arch in _classes(location, n, storage_options)
     ]
     if modules:
-        return LoadingStrategy(
-            loader_type="custom_mtp",
+        return CustomMTP(
             model_class_name=arch,
             custom_module_file=modules[0],
             required_files=(*files, modules[0]),
@@ -216,22 +219,23 @@ def _strategy(
             f"{join(location, 'config.json')} names {arch}, which no .py file of the folder "
             "defines and no transformers Auto class builds; add the module that defines it"
         )
-    return LoadingStrategy(loader_type="huggingface", transformers_class=auto, required_files=files)
+    return HuggingFace(transformers_class=auto, required_files=files)
 
 
 def _fitted(
-    location: str, meta: Metadata, options: LoadOptions, notes: list[str]
+    location: str, meta: Metadata, trust_code: bool, options: dict[str, Any], notes: list[str]
 ) -> LoadingStrategy:
     """The strategy with the key mapping under which the checkpoint fits the model."""
-    loader = LOADERS[meta.loading_strategy.loader_type]
     try:
-        loader(location, meta, options)
+        plan_from_headers(location, meta, trust_code, options)
         return meta.loading_strategy
     except WeightsError as e:
         if not isinstance(e.fix, StateDictMapping):
             raise MetadataError(f"no key mapping makes the checkpoint fit:\n{e}") from None
         fixed = msgspec.structs.replace(meta.loading_strategy, state_dict_mapping=e.fix)
-        loader(location, msgspec.structs.replace(meta, loading_strategy=fixed), options)
+        plan_from_headers(
+            location, msgspec.structs.replace(meta, loading_strategy=fixed), trust_code, options
+        )
         mapping = msgspec.json.encode(e.fix).decode()
         notes.append(f"the checkpoint's keys fit with state_dict_mapping {mapping}")
         return fixed

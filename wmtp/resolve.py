@@ -10,8 +10,7 @@ from typing import get_args
 import msgspec
 
 from wmtp.errors import MetadataError, NoCompatibleModelError, WmtpError
-from wmtp.load import read_metadata
-from wmtp.metadata import WmtpType
+from wmtp.metadata import WmtpType, read_metadata
 from wmtp.store import StorageOptions
 
 
@@ -41,8 +40,8 @@ def resolve(
         storage_options: obstore configuration for remote candidates.
 
     Raises:
-        NoCompatibleModelError: no candidate fits; the message gives each one's reason
-            and a close algorithm name when `algo` looks like a typo.
+        NoCompatibleModelError: no candidate fits; the message gives each one's reason and
+            a close algorithm name when `algo` looks like a typo.
         MetadataError: `role` is not a known wmtp_type.
 
     Example:
@@ -56,18 +55,17 @@ def choose(found: Sequence[Candidate], algo: str, role: str | None = None) -> st
     """The first candidate that serves `algo`, as judged by `candidates`.
 
     Raises:
-        NoCompatibleModelError: none does; every candidate's reason is listed, and a
-            close algorithm name when `algo` looks like a typo.
+        NoCompatibleModelError: none does; every reason listed, and a close name for a typo.
     """
-    chosen = next((c.location for c in found if c.reason is None), None)
-    if chosen is not None:
+    if chosen := next((c.location for c in found if c.reason is None), None):
         return chosen
-    known = sorted({a for c in found for a in c.algorithms})
-    close = difflib.get_close_matches(algo, known, n=1)
-    typo = f"\ndid you mean {close[0]!r}?" if close else ""
-    wanted = f"{algo!r}" + (f" as {role}" if role else "")
+    close = difflib.get_close_matches(algo, sorted({a for c in found for a in c.algorithms}), n=1)
     lines = [f"  {c.location}: {c.reason}" for c in found] or ["  (no candidates given)"]
-    raise NoCompatibleModelError(f"no candidate serves {wanted}:\n" + "\n".join(lines) + typo)
+    raise NoCompatibleModelError(
+        f"no candidate serves {algo!r}{f' as {role}' if role else ''}:\n"
+        + "\n".join(lines)
+        + (f"\ndid you mean {close[0]!r}?" if close else "")
+    )
 
 
 def candidates(
@@ -77,29 +75,28 @@ def candidates(
     role: WmtpType | None = None,
     storage_options: StorageOptions | None = None,
 ) -> list[Candidate]:
-    """Every path, in order, with why it does or does not serve `algo` (reads all at once).
+    """Every path, in order, with why it does or does not serve `algo` (read all at once).
 
     Raises:
         MetadataError: `role` is not a known wmtp_type.
     """
     if role is not None and role not in get_args(WmtpType):
         raise MetadataError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
+
+    def judge(path: str) -> Candidate:
+        try:
+            meta = read_metadata(path, storage_options=storage_options)
+        except WmtpError as e:
+            kind = "no metadata" if isinstance(e, FileNotFoundError) else "invalid metadata"
+            return Candidate(path, f"{kind}: {str(e).splitlines()[0]}")
+        served = meta.algorithm_compatibility
+        if algo not in served:
+            return Candidate(path, f"algorithm_compatibility is {list(served)}", served)
+        if role is not None and meta.wmtp_type != role:
+            return Candidate(
+                path, f"serves {algo} but wmtp_type is {meta.wmtp_type!r}, not {role!r}", served
+            )
+        return Candidate(path, None, served)
+
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
-        return list(pool.map(lambda p: _judge(p, algo, role, storage_options), paths))
-
-
-def _judge(
-    path: str, algo: str, role: str | None, storage_options: StorageOptions | None
-) -> Candidate:
-    try:
-        meta = read_metadata(path, storage_options=storage_options)
-    except WmtpError as e:
-        kind = "no metadata" if isinstance(e, FileNotFoundError) else "invalid metadata"
-        return Candidate(path, f"{kind}: {str(e).splitlines()[0]}")
-    served = meta.algorithm_compatibility
-    if algo not in served:
-        return Candidate(path, f"algorithm_compatibility is {list(served)}", served)
-    if role is not None and meta.wmtp_type != role:
-        reason = f"serves {algo} but wmtp_type is {meta.wmtp_type!r}, not {role!r}"
-        return Candidate(path, reason, served)
-    return Candidate(path, None, served)
+        return list(pool.map(judge, paths))

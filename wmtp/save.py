@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import obstore
+
+from wmtp.build import auto_class_for
 from wmtp.errors import MetadataError
-from wmtp.fetch import file_manifest
-from wmtp.instantiate import auto_class_for
-from wmtp.metadata import LoadingStrategy, Metadata, WmtpType, encode_metadata
+from wmtp.metadata import CustomMTP, FileEntry, HuggingFace, Metadata, WmtpType, encode_metadata
+from wmtp.store import StorageOptions, join, open_store, translate
 
 if TYPE_CHECKING:
     import torch
@@ -66,14 +69,13 @@ def save(
         auto = transformers_class or auto_class_for(cls.__name__, config.model_type)
         if auto is None:
             raise MetadataError(f"no transformers Auto class builds {cls.__name__}; pass one")
-        strategy = LoadingStrategy(
-            loader_type="huggingface", transformers_class=auto, required_files=tuple(files)
+        strategy: CustomMTP | HuggingFace = HuggingFace(
+            transformers_class=auto, required_files=tuple(files)
         )
     else:
         module_file = Path(inspect.getfile(cls))
         _write(folder / module_file.name, module_file.read_bytes())
-        strategy = LoadingStrategy(
-            loader_type="custom_mtp",
+        strategy = CustomMTP(
             model_class_name=cls.__name__,
             custom_module_file=module_file.name,
             required_files=(*files, module_file.name),
@@ -101,3 +103,23 @@ def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def file_manifest(
+    location: str, names: Sequence[str], storage_options: StorageOptions | None = None
+) -> dict[str, FileEntry]:
+    """Size and SHA-256 of each file, streamed through the store (local or remote).
+
+    Example:
+        >>> file_manifest("examples/tiny-mtp", ["config.json"])
+        {'config.json': FileEntry(size=929, sha256='…')}
+    """
+    store, out = open_store(location, storage_options), {}
+    for name in names:
+        sha, size = hashlib.sha256(), 0
+        with translate(join(location, name)):
+            for chunk in obstore.get(store, name).stream(min_chunk_size=8 * 2**20):
+                sha.update(chunk)
+                size += len(chunk)
+        out[name] = FileEntry(size=size, sha256=sha.hexdigest())
+    return out

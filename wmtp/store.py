@@ -1,10 +1,9 @@
-"""Locations and the obstore stores behind them, configured once, errors translated once.
+"""Locations and the obstore stores behind them: configured once, errors translated once.
 
-A location is a local folder, a `file://` URL, or any URL obstore's `from_url`
-understands (`s3://`, `gs://`, `az://`, `http(s)://`). Configuration comes from
-the environment variables obstore reads (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
-`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ALLOW_HTTP`, ...) and from an
-explicit `storage_options` mapping, which wins.
+A location is a local folder, a `file://` URL, or any URL obstore's `from_url` understands
+(`s3://`, `gs://`, `az://`, `http(s)://`). Configuration comes from the environment variables
+obstore reads (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) and from `storage_options`,
+which wins. No code outside this module knows which kind of store it talks to.
 """
 
 from __future__ import annotations
@@ -14,46 +13,27 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 from urllib.parse import unquote, urlparse
 
+import obstore
 from obstore.store import LocalStore, ObjectStore, from_url
 
 from wmtp.errors import FetchError, ModelFileError, StoreAccessError
 
-if TYPE_CHECKING:
-    from obstore.store import ClientConfig, RetryConfig, S3Config
-
 StorageOptions = Mapping[str, str]
 
-# obstore's HTTP client settings: they go to `client_options`, the rest to the store's config
-# (obstore aborts the process-level call with a panic when a client key is put in config).
+# obstore's HTTP client settings go to `client_options`, the rest to the store's config
+# (obstore panics when a client key is put in config).
 CLIENT_KEYS: Final = frozenset(
-    {
-        "allow_http",
-        "allow_invalid_certificates",
-        "connect_timeout",
-        "default_content_type",
-        "default_headers",
-        "http1_only",
-        "http2_keep_alive_interval",
-        "http2_keep_alive_timeout",
-        "http2_keep_alive_while_idle",
-        "http2_only",
-        "pool_idle_timeout",
-        "pool_max_idle_per_host",
-        "proxy_ca_certificate",
-        "proxy_excludes",
-        "proxy_url",
-        "randomize_addresses",
-        "read_timeout",
-        "root_certificate",
-        "timeout",
-        "user_agent",
-    }
+    "allow_http allow_invalid_certificates connect_timeout default_content_type "
+    "default_headers http1_only http2_keep_alive_interval http2_keep_alive_timeout "
+    "http2_keep_alive_while_idle http2_only pool_idle_timeout pool_max_idle_per_host "
+    "proxy_ca_certificate proxy_excludes proxy_url randomize_addresses read_timeout "
+    "root_certificate timeout user_agent".split()
 )
-# Model files are large: obstore's default 30 s limit on a whole request would cut a slow part.
-# A part is at most PART_SIZE, so 300 s allows 56 KB/s; a stalled read fails after 60 s.
+# Model files are large: obstore's default 30 s limit on a whole request would cut a slow
+# part. A part is at most 16 MiB, so 300 s allows 56 KB/s; a stalled read fails after 60 s.
 CLIENT_DEFAULTS: Final = {"connect_timeout": "10s", "timeout": "300s", "read_timeout": "60s"}
 ENV_PREFIXES: Final = {
     "s3": "AWS_",
@@ -62,7 +42,6 @@ ENV_PREFIXES: Final = {
     "az": "AZURE_",
     "abfs": "AZURE_",
 }
-RETRY_KEYS: Final = frozenset({"max_retries", "retry_timeout"})
 RETRY_DEFAULTS: Final = {"max_retries": "5", "retry_timeout": "60"}
 
 
@@ -82,9 +61,9 @@ def join(location: str, name: str) -> str:
 def open_store(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
     """The obstore store rooted at `location`.
 
-    `storage_options` keys are obstore's: store config (`endpoint`, `region`,
-    `access_key_id`, ...), client options (`allow_http`, `timeout`, ...) and
-    `max_retries` / `retry_timeout` (seconds) for the bounded retries with backoff.
+    `storage_options` keys are obstore's store config (`endpoint`, `region`, ...) and client
+    options (`allow_http`, `timeout`, ...), plus `max_retries` and `retry_timeout` (seconds)
+    for the bounded retries with exponential backoff.
 
     Raises:
         ModelFileError: a local folder that does not exist.
@@ -96,14 +75,13 @@ def open_store(location: str, storage_options: StorageOptions | None = None) -> 
             raise ModelFileError(f"model folder {str(root)!r} does not exist or is not a folder")
         return LocalStore(root)
     options = dict(storage_options or {})
-    # obstore reads client settings from the environment only when no client_options are
-    # given; since the defaults above are always given, read them here (AWS_ALLOW_HTTP, ...).
+    # obstore reads client settings from the environment only when given no client_options;
+    # the defaults above are always given, so read them here (AWS_ALLOW_HTTP, ...).
     prefix = ENV_PREFIXES.get(urlparse(location).scheme, "")
     from_env = {k: v for k in CLIENT_KEYS if (v := os.environ.get(f"{prefix}{k.upper()}"))}
-    client = CLIENT_DEFAULTS | from_env | {k: v for k, v in options.items() if k in CLIENT_KEYS}
-    retry = RETRY_DEFAULTS | {k: v for k, v in options.items() if k in RETRY_KEYS}
-    config = {k: v for k, v in options.items() if k not in CLIENT_KEYS | RETRY_KEYS}
-    retry_config: RetryConfig = {
+    retry = RETRY_DEFAULTS | {k: options.pop(k) for k in RETRY_DEFAULTS if k in options}
+    client = CLIENT_DEFAULTS | from_env | {k: options.pop(k) for k in CLIENT_KEYS & options.keys()}
+    retry_config: Any = {
         "max_retries": int(retry["max_retries"]),
         "retry_timeout": timedelta(seconds=float(retry["retry_timeout"])),
         "backoff": {
@@ -113,12 +91,25 @@ def open_store(location: str, storage_options: StorageOptions | None = None) -> 
         },
     }
     with translate(location):
-        return from_url(
+        store: ObjectStore = from_url(
             location.rstrip("/"),
-            config=cast("S3Config", config),
-            client_options=cast("ClientConfig", client),
+            config=cast(Any, options),
+            client_options=cast(Any, client),
             retry_config=retry_config,
         )
+        return store
+
+
+def read_file(location: str, name: str, storage_options: StorageOptions | None = None) -> bytes:
+    """The bytes of a small file (metadata, config) at `location`, never cached.
+
+    Raises:
+        ModelFileError: no such file there.
+        StoreAccessError, FetchError: the store refused or could not be reached.
+    """
+    store = open_store(location, storage_options)
+    with translate(join(location, name)):
+        return bytes(obstore.get(store, name).bytes())
 
 
 @contextmanager

@@ -1,140 +1,150 @@
-"""Checkpoint tensors from safetensors files: headers read alone, data memory-mapped."""
+"""Checkpoint tensors from safetensors files: headers validated alone, data memory-mapped.
+
+safetensors' own loader copies every tensor; this reader earns its lines by mapping the file
+privately (no copy, nothing read until used, writes never reach the file) and by releasing
+each tensor's pages as it is cast, so a cast never holds the checkpoint twice. Headers are
+checked by the format's own rules before any weight is read, from two small ranged reads.
+"""
 
 from __future__ import annotations
 
+import math
 import mmap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Annotated, Final
 
 import msgspec
 import obstore
 
-from wmtp.errors import MetadataError, WeightsError
-from wmtp.fetch import fetch
+from wmtp.errors import MetadataError
+from wmtp.metadata import INDEX, SAFETENSORS, RelPath
 from wmtp.store import StorageOptions, join, open_store, translate
 
 if TYPE_CHECKING:
     import torch
 
-INDEX_SUFFIX: Final = ".safetensors.index.json"
-_MAX_HEADER: Final = 100 * 2**20  # safetensors' own limit
-# safetensors dtype -> torch dtype attribute
+# safetensors dtype -> torch dtype and bytes per element
 DTYPES: Final = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
+    code: (name, int(size))
+    for code, name, size in (
+        entry.split(":")
+        for entry in "F64:float64:8 F32:float32:4 F16:float16:2 BF16:bfloat16:2 "
+        "F8_E4M3:float8_e4m3fn:1 F8_E5M2:float8_e5m2:1 I64:int64:8 I32:int32:4 I16:int16:2 "
+        "I8:int8:1 U64:uint64:8 U32:uint32:4 U16:uint16:2 U8:uint8:1 BOOL:bool:1".split()
+    )
 }
+_MAX_HEADER: Final = 100 * 2**20  # safetensors' own limit
+Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class TensorInfo(msgspec.Struct, frozen=True):
-    """One entry of a safetensors header."""
+class TensorInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One tensor of a safetensors header."""
 
     dtype: str
-    shape: tuple[int, ...]
-    data_offsets: tuple[int, int]
+    shape: tuple[Count, ...]
+    data_offsets: tuple[Count, Count]
 
 
-class ShardIndex(msgspec.Struct, frozen=True):
-    """`model.safetensors.index.json`, the layout transformers writes for large models."""
+class Header(msgspec.Struct, frozen=True):
+    """A validated safetensors header: its tensors, where their data starts, the file size."""
 
-    weight_map: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    start: int
+    size: int
 
 
-def shard_names(index_path: Path) -> tuple[str, ...]:
-    """The shard files a `*.safetensors.index.json` refers to, in order of first use."""
+def shard_names(index: Path) -> list[str]:
+    """The shard files a `*.safetensors.index.json` lists, in order of first use.
+
+    Raises:
+        MetadataError: not an index, or a shard name that is not a path inside the folder.
+    """
     try:
-        index = msgspec.json.decode(index_path.read_bytes(), type=ShardIndex)
-    except msgspec.MsgspecError as e:
-        raise MetadataError(f"{index_path}: not a safetensors shard index: {e}") from None
-    return tuple(dict.fromkeys(index.weight_map.values()))
+        decoded = msgspec.json.decode(index.read_bytes(), type=dict[str, dict[str, RelPath]])
+        return list(dict.fromkeys(decoded["weight_map"].values()))
+    except (msgspec.MsgspecError, KeyError) as e:
+        raise MetadataError(f"{index}: not a safetensors shard index: {e!r}") from None
 
 
-def listed_shards(
-    location: str,
-    indexes: Sequence[str],
-    *,
-    storage_options: StorageOptions | None = None,
-    cache_dir: str | None = None,
-) -> list[str]:
-    """The shard files that the shard indexes `indexes` at `location` list (fetching them)."""
-    if not indexes:
-        return []
-    paths = fetch(
-        location, indexes, storage_options=storage_options, cache_dir=cache_dir, progress=False
-    )
-    return list(dict.fromkeys(s for n in indexes for s in shard_names(paths[n])))
+def checkpoint_names(required: Sequence[str], files: Mapping[str, Path]) -> list[str]:
+    """The safetensors files to read, in order: those listed and the shards of listed indexes
+    (whose local copies are in `files`)."""
+    shards = [s for n in required if n.endswith(INDEX) for s in shard_names(files[n])]
+    return [n for n in dict.fromkeys([*required, *shards]) if n.endswith(SAFETENSORS)]
 
 
 def read_header(
-    location: str, name: str, storage_options: StorageOptions | None = None
-) -> dict[str, TensorInfo]:
-    """The tensor table of a safetensors file, read with two small ranged reads (no weights).
+    location: str, name: str, size: int, storage_options: StorageOptions | None = None
+) -> Header:
+    """The validated header of a safetensors file of `size` bytes, from two ranged reads.
 
     Raises:
-        MetadataError: the file is not safetensors.
+        MetadataError: not a safetensors file, or one that safetensors itself refuses
+            (offsets overlapping, out of bounds or not matching shape x dtype, truncated
+            data, trailing bytes, unknown dtypes); the message names the file and tensor.
         ModelFileError, StoreAccessError, FetchError: as for any read.
     """
     store, url = open_store(location, storage_options), join(location, name)
     with translate(url):
-        length = _header_length(bytes(obstore.get_range(store, name, start=0, length=8)), url)
-        return _decode_header(bytes(obstore.get_range(store, name, start=8, length=length)), url)
+        prefix = bytes(obstore.get_range(store, name, start=0, end=8)) if size >= 8 else b""
+        length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or not 2 <= length <= min(_MAX_HEADER, size - 8):
+            raise MetadataError(
+                f"{url}: not a safetensors file (header length {length}, file size {size})"
+            )
+        raw = bytes(obstore.get_range(store, name, start=8, end=8 + length))
+    return Header(_tensors(raw, url, size - 8 - length), 8 + length, size)
 
 
-def header_shapes(
-    files: Sequence[tuple[str, str]], storage_options: StorageOptions | None = None
-) -> dict[str, tuple[int, ...]]:
-    """Key -> shape over safetensors files given as (location, name), from headers alone.
-
-    Raises:
-        WeightsError: two files hold the same key.
-    """
-    out: dict[str, tuple[int, ...]] = {}
-    owner: dict[str, str] = {}
-    for location, name in files:
-        for key, info in read_header(location, name, storage_options).items():
-            if key in owner:
-                raise WeightsError(
-                    f"tensor {key!r} is stored twice: in {owner[key]} and in {join(location, name)}"
-                )
-            owner[key], out[key] = join(location, name), info.shape
-    return out
+def _tensors(raw: bytes, url: str, data_size: int) -> dict[str, TensorInfo]:
+    try:
+        table = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
+        msgspec.json.decode(table.pop("__metadata__", b"{}"), type=dict[str, str])
+        tensors = {k: msgspec.json.decode(v, type=TensorInfo) for k, v in table.items()}
+    except msgspec.MsgspecError as e:
+        raise MetadataError(f"{url}: not a safetensors header: {e}") from None
+    end = 0  # the data of the tensors, sorted by offset, must tile the data section exactly
+    for key, info in sorted(tensors.items(), key=lambda item: item[1].data_offsets):
+        if info.dtype not in DTYPES:
+            raise MetadataError(f"{url}: tensor {key!r} has unknown dtype {info.dtype!r}")
+        start, stop = info.data_offsets
+        nbytes = math.prod(info.shape) * DTYPES[info.dtype][1]
+        if start != end or stop - start != nbytes:
+            raise MetadataError(
+                f"{url}: tensor {key!r} has data_offsets [{start}, {stop}], but its data must "
+                f"start at {end} and hold {nbytes} bytes ({info.dtype} {list(info.shape)}); "
+                "the file is corrupt (safetensors refuses it too)"
+            )
+        end = stop
+    if end != data_size:
+        raise MetadataError(
+            f"{url}: the tensors hold {end} bytes of data, but the file has {data_size} after "
+            "its header; it is truncated or has bytes no tensor owns"
+        )
+    return tensors
 
 
 def read_tensors(
-    paths: Sequence[Path], dtype: torch.dtype | None = None
+    files: Sequence[tuple[Path, Header]], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """Every tensor in the local safetensors files `paths` (keys already checked unique).
+    """Every tensor of the local safetensors `files` (keys already checked unique).
 
-    Each tensor is a view of a private memory map of its file: nothing is read
-    until it is used, nothing is copied, and writing to it never touches the file.
-    With `dtype`, floating tensors are cast one at a time and the mapped pages each
-    came from are released at once, so memory holds the cast model plus one tensor,
-    never the checkpoint twice.
+    Each tensor is a view of a private memory map of its file. With `dtype`, floating
+    tensors are cast one at a time and the mapped pages each came from released at once,
+    so memory holds the cast model plus one tensor, never the checkpoint twice.
     """
     import torch
 
     out: dict[str, torch.Tensor] = {}
-    for path in paths:
+    for path, header in files:
         with path.open("rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        length = _header_length(mapped[:8], str(path))
-        base = 8 + length
-        for key, info in _decode_header(mapped[8:base], str(path)).items():
-            start, end = (base + offset for offset in info.data_offsets)
-            kind: torch.dtype = getattr(torch, DTYPES[info.dtype])
+        if len(mapped) != header.size:
+            raise MetadataError(f"{path} changed while it was being loaded; load it again")
+        for key, info in header.tensors.items():
+            start, end = (header.start + offset for offset in info.data_offsets)
+            kind: torch.dtype = getattr(torch, DTYPES[info.dtype][0])
             tensor = (
                 torch.frombuffer(
                     mapped, dtype=kind, count=(end - start) // kind.itemsize, offset=start
@@ -154,22 +164,3 @@ def _release(mapped: mmap.mmap, start: int, end: int) -> None:
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
         mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
-
-
-def _header_length(prefix: bytes, url: str) -> int:
-    length = int.from_bytes(prefix[:8], "little")
-    if len(prefix) < 8 or not 2 <= length <= _MAX_HEADER:
-        raise MetadataError(f"{url}: not a safetensors file (header length {length})")
-    return length
-
-
-def _decode_header(raw: bytes, url: str) -> dict[str, TensorInfo]:
-    try:
-        table = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
-        table.pop("__metadata__", None)
-        infos = {key: msgspec.json.decode(value, type=TensorInfo) for key, value in table.items()}
-    except msgspec.MsgspecError as e:
-        raise MetadataError(f"{url}: not a safetensors header: {e}") from None
-    if unknown := sorted({i.dtype for i in infos.values()} - DTYPES.keys()):
-        raise MetadataError(f"{url}: unsupported tensor dtype(s) {', '.join(unknown)}")
-    return infos

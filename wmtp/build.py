@@ -1,9 +1,9 @@
 """Build a model without initialising its weights, then give it the checkpoint's tensors.
 
-Parameters are created on the meta device (no memory, no random init), while
-buffers are computed for real, so non-persistent buffers such as rotary
-`inv_freq` or `position_ids` hold their true values without being stored in
-the checkpoint. The checkpoint's tensors are then assigned, not copied.
+Parameters are created on the meta device (no memory, no random init) while buffers are
+computed for real, so non-persistent buffers such as rotary `inv_freq` hold their true
+values without being stored. `torch.device("meta")` would make buffers meta too, which is
+why parameter registration is patched here instead. The tensors are assigned, not copied.
 """
 
 from __future__ import annotations
@@ -20,16 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from wmtp.compare import Groups, Shape
 from wmtp.errors import MetadataError
+from wmtp.keys import Groups, Shape
 
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-# Module.register_parameter is patched process-wide while a model is built; one build at a time.
-_BUILD_LOCK = threading.Lock()
-# Random fills that initialisers call: pointless on meta tensors, and slow there (~1 ms each).
+_BUILD_LOCK = threading.Lock()  # the patches below are process-wide: one build at a time
+# Initialisers' random fills: pointless on meta tensors, and slow there (~1 ms each).
 _FILLS = ("normal_", "uniform_", "fill_", "zero_")
 
 
@@ -37,33 +36,45 @@ _FILLS = ("normal_", "uniform_", "fill_", "zero_")
 def _meta_parameters() -> Iterator[None]:
     import torch
 
-    original = torch.nn.Module.register_parameter
-    fills = {name: getattr(torch.Tensor, name) for name in _FILLS}
+    register, fills = (
+        torch.nn.Module.register_parameter,
+        {n: getattr(torch.Tensor, n) for n in _FILLS},
+    )
 
-    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+    def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         if param is not None and not param.is_meta:
             param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
+        register(module, name, param)
 
     def skip_on_meta(fill: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         return lambda t, *args, **kwargs: t if t.is_meta else fill(t, *args, **kwargs)
 
     with _BUILD_LOCK:
-        torch.nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+        torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign,assignment]
         for name, fill in fills.items():
             setattr(torch.Tensor, name, skip_on_meta(fill))
         try:
             yield
         finally:
-            torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+            torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
             for name, fill in fills.items():
                 setattr(torch.Tensor, name, fill)
 
 
-def build_empty(construct: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """Call `construct` with every new parameter placed on the meta device."""
-    with _meta_parameters():
-        return construct()
+def build_empty(
+    cls: Callable[[PretrainedConfig], torch.nn.Module], config: PretrainedConfig, source: str
+) -> torch.nn.Module:
+    """`cls(config)` with every parameter on the meta device.
+
+    Raises:
+        MetadataError: the class fails to build from this config (the cause is chained).
+    """
+    try:
+        with _meta_parameters():
+            return cls(config)
+    except Exception as e:
+        name = getattr(cls, "__qualname__", None) or getattr(cls, "__self__", cls).__name__
+        raise MetadataError(f"{source}: building {name} from config.json failed: {e!r}") from e
 
 
 def read_config(path: Path) -> PretrainedConfig:
@@ -76,23 +87,23 @@ def read_config(path: Path) -> PretrainedConfig:
 
     try:
         data = msgspec.json.decode(path.read_bytes(), type=dict[str, Any])
-    except msgspec.MsgspecError as e:
-        raise MetadataError(f"{path}: not a JSON object: {e}") from None
-    model_type = str(data.get("model_type"))
-    if "model_type" not in data or model_type not in CONFIG_MAPPING:
-        raise MetadataError(
-            f"{path}: `$.model_type` is {data.get('model_type')!r}, which transformers does "
-            'not know; set it to the architecture the model builds on (e.g. "gpt2", "llama")'
-        )
-    config: PretrainedConfig = CONFIG_MAPPING[model_type].from_dict(data)
+        model_type = str(data.get("model_type"))
+        if "model_type" not in data or model_type not in CONFIG_MAPPING:
+            raise MetadataError(
+                f"{path}: `$.model_type` is {data.get('model_type')!r}, which transformers does "
+                'not know; set it to the architecture the model builds on (e.g. "gpt2", "llama")'
+            )
+        config: PretrainedConfig = CONFIG_MAPPING[model_type].from_dict(data)
+    except (msgspec.MsgspecError, TypeError, ValueError) as e:
+        if isinstance(e, MetadataError):
+            raise
+        raise MetadataError(f"{path}: not a valid transformers config: {e}") from None
     return config
 
 
 def import_module_file(path: Path) -> ModuleType:
-    """Import `path` as a module whose name is unique to the file's content.
-
-    Two models whose module files differ never share code, and the same file
-    is imported once.
+    """Import `path` under a module name unique to its content: two models whose module
+    files differ never share code, and the same file is imported once.
 
     Raises:
         MetadataError: the module fails to import (the cause is chained).
@@ -133,33 +144,14 @@ def auto_class_names() -> list[str]:
     return sorted(n for n in vars(modeling_auto) if n.startswith("AutoModel"))
 
 
-def auto_class(name: str, source: str) -> Any:
-    """The transformers Auto class called `name`.
-
-    Raises:
-        MetadataError: not an Auto model class; the message lists the valid ones.
-    """
-    import transformers
-
-    if name.startswith("AutoModel") and hasattr(transformers, name):
-        return getattr(transformers, name)
-    names = auto_class_names()  # slow (lists the whole lazy module): only for the message
-    raise MetadataError(
-        f"{source}: `$.loading_strategy.transformers_class` {name!r} is not a "
-        f"transformers Auto model class; use one of: {', '.join(names)}"
-    )
-
-
 def auto_class_for(architecture: str, model_type: str) -> str | None:
     """The Auto class that builds `architecture` for `model_type`, if one does."""
     import transformers
 
     for name in auto_class_names():
-        # _model_mapping._model_mapping maps model_type -> class name(s) without importing them.
-        names = getattr(
-            getattr(getattr(transformers, name), "_model_mapping", None), "_model_mapping", {}
-        )
-        built = names.get(model_type)
+        # _model_mapping._model_mapping: model_type -> class name(s), without importing them
+        mapping = getattr(getattr(transformers, name), "_model_mapping", None)
+        built = getattr(mapping, "_model_mapping", {}).get(model_type)
         if built == architecture or (isinstance(built, tuple | list) and architecture in built):
             return name
     return None
@@ -175,24 +167,25 @@ def state_shapes(model: torch.nn.Module) -> tuple[dict[str, Shape], Groups]:
 
 
 def assign(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], groups: Groups) -> None:
-    """Give every tied group of `model` its checkpoint tensor, one Parameter per group."""
+    """Give every tied group of `model` its checkpoint tensor, one Parameter per group.
+
+    Raises:
+        MetadataError: the model still holds tensors on the meta device afterwards.
+    """
     import torch
 
     for group in groups:
         tensor = tensors[next(name for name in group if name in tensors)]
         owner, _, attr = group[0].rpartition(".")
         old = model.get_submodule(owner)._parameters.get(attr)
-        new: torch.Tensor = (
-            torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
-            if old is not None
-            else tensor
-        )
+        new = tensor if old is None else torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
         for name in group:
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, new)
-
-
-def meta_leftovers(model: torch.nn.Module) -> list[str]:
-    """Names of parameters and buffers still on the meta device."""
-    named = [*model.named_parameters(), *model.named_buffers()]
-    return sorted(name for name, t in named if t.is_meta)
+    if left := sorted(
+        n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+    ):
+        raise MetadataError(
+            f"{type(model).__name__} leaves {', '.join(left)} on the meta device after "
+            "loading; its module must create buffers without device='meta'"
+        )
