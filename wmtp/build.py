@@ -1,9 +1,9 @@
-"""Build a model without initialising its weights, then give it the checkpoint's tensors.
+"""Build a model empty, then give it the checkpoint's tensors.
 
 Parameters are created on the meta device (no memory, no random init) while buffers are
-computed for real, so non-persistent buffers such as rotary `inv_freq` hold their true
-values without being stored. `torch.device("meta")` would make buffers meta too, which is
-why parameter registration is patched here instead. The tensors are assigned, not copied.
+computed for real, so non-persistent ones such as rotary `inv_freq` hold true values.
+`torch.device("meta")` would put buffers on meta too, hence the patch of parameter
+registration below. The checkpoint's tensors are then assigned, not copied.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-_BUILD_LOCK = threading.Lock()  # the patches below are process-wide: one build at a time
-# Initialisers' random fills: pointless on meta tensors, and slow there (~1 ms each).
-_FILLS = ("normal_", "uniform_", "fill_", "zero_")
+_BUILD_LOCK = threading.Lock()  # the patches are process-wide: one build at a time
+_FILLS = ("normal_", "uniform_", "fill_", "zero_")  # init fills: slow on meta, and pointless
 
 
 @contextmanager
@@ -61,61 +60,53 @@ def _meta_parameters() -> Iterator[None]:
                 setattr(torch.Tensor, name, fill)
 
 
-def build_empty(
-    cls: Callable[[PretrainedConfig], torch.nn.Module], config: PretrainedConfig, source: str
-) -> torch.nn.Module:
+def build_empty(cls: Callable[[Any], torch.nn.Module], config: Any, what: str) -> torch.nn.Module:
     """`cls(config)` with every parameter on the meta device.
 
     Raises:
-        MetadataError: the class fails to build from this config (the cause is chained).
+        MetadataError: it fails to build from this config (names `what`; the cause chained).
     """
     try:
         with _meta_parameters():
             return cls(config)
     except Exception as e:
-        name = getattr(cls, "__qualname__", None) or getattr(cls, "__self__", cls).__name__
-        raise MetadataError(f"{source}: building {name} from config.json failed: {e!r}") from e
+        raise MetadataError(f"{what}: building the model from config.json failed: {e!r}") from e
 
 
 def read_config(path: Path) -> PretrainedConfig:
     """The transformers config of `config.json`, by its `model_type`.
 
     Raises:
-        MetadataError: not JSON, no `model_type`, or a type transformers does not know.
+        MetadataError: not JSON, or a `model_type` transformers does not know.
     """
     from transformers import CONFIG_MAPPING
 
     try:
         data = msgspec.json.decode(path.read_bytes(), type=dict[str, Any])
-        model_type = str(data.get("model_type"))
-        if "model_type" not in data or model_type not in CONFIG_MAPPING:
-            raise MetadataError(
-                f"{path}: `$.model_type` is {data.get('model_type')!r}, which transformers does "
-                'not know; set it to the architecture the model builds on (e.g. "gpt2", "llama")'
-            )
-        config: PretrainedConfig = CONFIG_MAPPING[model_type].from_dict(data)
-    except (msgspec.MsgspecError, TypeError, ValueError) as e:
-        if isinstance(e, MetadataError):
-            raise
-        raise MetadataError(f"{path}: not a valid transformers config: {e}") from None
+    except msgspec.MsgspecError as e:
+        raise MetadataError(f"{path}: not a JSON object: {e}") from None
+    if str(data.get("model_type")) not in CONFIG_MAPPING:
+        raise MetadataError(
+            f"{path}: `$.model_type` is {data.get('model_type')!r}, which transformers does "
+            'not know; set it to the architecture the model builds on (e.g. "gpt2", "llama")'
+        )
+    config: PretrainedConfig = CONFIG_MAPPING[str(data["model_type"])].from_dict(data)
     return config
 
 
 def import_module_file(path: Path) -> ModuleType:
-    """Import `path` under a module name unique to its content: two models whose module
-    files differ never share code, and the same file is imported once.
+    """Import `path` under a name unique to its content: model files that differ never
+    share code, and one file is imported once.
 
     Raises:
         MetadataError: the module fails to import (the cause is chained).
     """
-    code = path.read_bytes()
-    name = f"wmtp_custom_{hashlib.sha256(code).hexdigest()[:16]}"
+    name = f"wmtp_custom_{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None  # a .py path always has a loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # before exec, as dataclasses and pickling look it up
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses need it
     try:
         spec.loader.exec_module(module)
     except Exception as e:
@@ -137,7 +128,7 @@ def module_classes(module: ModuleType) -> list[str]:
     )
 
 
-def auto_class_names() -> list[str]:
+def auto_names() -> list[str]:
     """Names of the transformers Auto classes that build models."""
     from transformers.models.auto import modeling_auto
 
@@ -148,13 +139,23 @@ def auto_class_for(architecture: str, model_type: str) -> str | None:
     """The Auto class that builds `architecture` for `model_type`, if one does."""
     import transformers
 
-    for name in auto_class_names():
+    for name in auto_names():
         # _model_mapping._model_mapping: model_type -> class name(s), without importing them
         mapping = getattr(getattr(transformers, name), "_model_mapping", None)
         built = getattr(mapping, "_model_mapping", {}).get(model_type)
         if built == architecture or (isinstance(built, tuple | list) and architecture in built):
             return name
     return None
+
+
+def architecture_hint(config: PretrainedConfig, built: str) -> list[str]:
+    """A hint when config.json's `architectures` names another class than the one built."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if not archs or built in archs:
+        return []
+    auto = auto_class_for(archs[0], str(getattr(config, "model_type", "")))
+    fix = f": set transformers_class to {auto!r}" if auto else ""
+    return [f"config.json names the architecture {archs[0]}, but {built} was built{fix}"]
 
 
 def state_shapes(model: torch.nn.Module) -> tuple[dict[str, Shape], Groups]:
@@ -178,14 +179,12 @@ def assign(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], groups: 
         tensor = tensors[next(name for name in group if name in tensors)]
         owner, _, attr = group[0].rpartition(".")
         old = model.get_submodule(owner)._parameters.get(attr)
-        new = tensor if old is None else torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+        new = tensor if old is None else torch.nn.Parameter(tensor, old.requires_grad)
         for name in group:
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, new)
-    if left := sorted(
-        n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
-    ):
+    if left := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
         raise MetadataError(
-            f"{type(model).__name__} leaves {', '.join(left)} on the meta device after "
+            f"{type(model).__name__} leaves {', '.join(sorted(left))} on the meta device after "
             "loading; its module must create buffers without device='meta'"
         )

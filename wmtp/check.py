@@ -14,7 +14,7 @@ import msgspec
 
 from wmtp.errors import IntegrityError, WmtpError
 from wmtp.fetch import check_file, fetch, heads, require
-from wmtp.load import fetch_files, plan
+from wmtp.load import plan, trusted
 from wmtp.metadata import SAFETENSORS, FileEntry, Metadata, read_metadata
 from wmtp.store import StorageOptions
 from wmtp.weights import checkpoint_names, read_header
@@ -80,7 +80,8 @@ def plan_from_headers(
     required = meta.loading_strategy.required_files
     require(location, heads(location, required, options["storage_options"]))  # all at once
     small = [n for n in required if not n.endswith(SAFETENSORS)]
-    files = fetch_files(location, meta, small, trust_code=trust_code, progress=False, **options)
+    trusted(location, meta, trust_code)
+    files = fetch(location, small, progress=False, **options)
     names = checkpoint_names(required, files)
     sizes = require(location, heads(location, names, options["storage_options"]))
     storage = options["storage_options"]

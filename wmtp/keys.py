@@ -156,7 +156,7 @@ def _common_prefix(keys: Sequence[str]) -> str:
     return prefix[: prefix.rfind(".") + 1]
 
 
-def describe(m: Mismatch, *, model: str, hints: Sequence[str]) -> str:
+def describe(m: Mismatch, model: str, hints: Sequence[str]) -> str:
     """A message listing every problem of `m`, sorted, then the hints."""
     lines = [f"the checkpoint does not fit {model} (loading is strict):"]
     for label, keys in (

@@ -1,6 +1,6 @@
-"""`load(location)`: the whole data flow on one screen, and the dispatch table it goes through.
+"""`load(location)`: the data flow on one screen, and `LOADERS`, the table it dispatches on.
 
-metadata.json -> LOADERS[loader_type] finds the class -> fetch -> build empty -> headers
+metadata.json -> fetch -> headers -> LOADERS[loader_type] finds the class -> build empty
     -> remap_state_dict -> strict compare -> map the files and assign -> eval()
 """
 
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -18,7 +17,7 @@ import msgspec
 from wmtp import build
 from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
 from wmtp.fetch import fetch
-from wmtp.keys import Shape, compare, describe, fits, mapping_fix, remap_state_dict
+from wmtp.keys import Groups, compare, describe, fits, mapping_fix, remap_state_dict
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, loader_type, read_metadata
 from wmtp.store import StorageOptions, join, local_root
 from wmtp.weights import Header, checkpoint_names, read_header, read_tensors
@@ -27,20 +26,17 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-DTYPE_ALIASES: Final = {
-    "fp32": "float32",
-    "float": "float32",
-    "bf16": "bfloat16",
-    "fp16": "float16",
-    "half": "float16",
-    "fp64": "float64",
-    "double": "float64",
-}
+# Names `dtype` takes besides torch's own ("float32", "bfloat16", ...).
+DTYPE_ALIASES: Final = dict(
+    pair.split("=")
+    for pair in "fp32=float32 float=float32 bf16=bfloat16 fp16=float16 half=float16 "
+    "fp64=float64 double=float64".split()
+)
 
 
 class ModelClass(msgspec.Struct, frozen=True):
-    """What a loader found to build: a name for messages, the builder, and problems already
-    known (reported together with the checkpoint's, so every mistake shows at once)."""
+    """What builds the model, a name for messages, and problems already found (reported
+    with the checkpoint's, so every mistake shows at once)."""
 
     name: str
     build: Callable[[PretrainedConfig], torch.nn.Module]
@@ -48,7 +44,7 @@ class ModelClass(msgspec.Struct, frozen=True):
 
 
 def custom_class(location: str, strategy: CustomMTP, files: Mapping[str, Path]) -> ModelClass:
-    """`model_class_name` from the folder's own module (`custom_module_file`)."""
+    """`model_class_name`, defined in the folder's own module (`custom_module_file`)."""
     module = build.import_module_file(files[strategy.custom_module_file])
     name, defined = strategy.model_class_name, build.module_classes(module)
     if name in defined:
@@ -64,24 +60,20 @@ def custom_class(location: str, strategy: CustomMTP, files: Mapping[str, Path]) 
 
 
 def auto_class(location: str, strategy: HuggingFace, files: Mapping[str, Path]) -> ModelClass:
-    """The transformers Auto class `transformers_class`; remote code (`auto_map`) never runs."""
+    """The transformers Auto class `transformers_class`; code from `auto_map` never runs."""
     import transformers
 
     name = strategy.transformers_class
-    if not (name.startswith("AutoModel") and hasattr(transformers, name)):
-        raise MetadataError(
-            f"{join(location, 'metadata.json')}: `$.loading_strategy.transformers_class` "
-            f"{name!r} is not a transformers Auto model class; use one of: "
-            f"{', '.join(build.auto_class_names())}"
-        )
-    return ModelClass(
-        name,
-        lambda config: getattr(transformers, name).from_config(config, trust_remote_code=False),
+    if name.startswith("AutoModel") and hasattr(transformers, name):
+        auto = getattr(transformers, name)
+        return ModelClass(name, lambda config: auto.from_config(config, trust_remote_code=False))
+    raise MetadataError(
+        f"{join(location, 'metadata.json')}: `$.loading_strategy.transformers_class` {name!r} "
+        f"is not a transformers Auto model class; use one of: {', '.join(build.auto_names())}"
     )
 
 
-Loader = Callable[[str, Any, Mapping[str, Path]], ModelClass]
-LOADERS: Final[Mapping[LoaderType, Loader]] = {
+LOADERS: Final[Mapping[LoaderType, Callable[[str, Any, Mapping[str, Path]], ModelClass]]] = {
     "custom_mtp": custom_class,
     "huggingface": auto_class,
 }
@@ -89,85 +81,51 @@ LOADERS: Final[Mapping[LoaderType, Loader]] = {
 
 def plan(
     location: str, meta: Metadata, files: Mapping[str, Path], headers: Mapping[str, Header]
-) -> tuple[torch.nn.Module, list[tuple[str, ...]]]:
-    """The model built empty and its groups of tied names, once the checkpoint (known from
-    its `headers` alone) is shown to fit it exactly. `check` and `migrate` stop here.
+) -> tuple[torch.nn.Module, Groups]:
+    """The model built empty and its groups of tied names, once the checkpoint, known from
+    its `headers` alone, fits it exactly. `check` and `migrate` stop here; `load` goes on.
 
     Raises:
-        MetadataError: the class cannot be found or built (with any key problems too).
+        MetadataError: the class cannot be found or built (with the key problems too).
         WeightsError: missing, unexpected or misshapen keys (all of them, with hints).
     """
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
     config = build.read_config(files["config.json"])
     found = LOADERS[loader_type(strategy)](location, strategy, files)
     model = build.build_empty(found.build, config, f"{files['config.json']} ({found.name})")
-    shapes: dict[str, Shape] = {}
-    owner: dict[str, str] = {}
-    for name, header in headers.items():
-        for key, info in header.tensors.items():
-            if key in owner:
-                raise WeightsError(
-                    f"tensor {key!r} is stored twice: in {owner[key]} and in {join(location, name)}"
-                )
-            owner[key], shapes[key] = join(location, name), info.shape
+    shapes = {k: t.shape for h in headers.values() for k, t in h.tensors.items()}
     expected, groups = build.state_shapes(model)
     mismatch = compare(expected, groups, remap_state_dict(shapes, strategy.state_dict_mapping))
     if not found.problems and fits(mismatch):
-        return model, list(groups)
+        return model, groups
     fix = mapping_fix(shapes, strategy.state_dict_mapping, expected, groups)
-    hints = [*([fix[0]] if fix else []), *_architecture_hint(config, type(model).__name__)]
-    detail = "" if fits(mismatch) else describe(mismatch, model=type(model).__name__, hints=hints)
+    hints = [fix[0]] if fix else []
+    hints += build.architecture_hint(config, type(model).__name__)
+    detail = [] if fits(mismatch) else [describe(mismatch, type(model).__name__, hints)]
     if found.problems:
-        error = MetadataError(
-            "\n".join([*found.problems, *([f"also, {detail}"] if detail else [])])
-        )
-        error.problems = (*found.problems, *([f"{source}: {detail}"] if detail else []))
+        error = MetadataError("\n".join([*found.problems, *(f"also, {d}" for d in detail)]))
+        error.problems = (*found.problems, *(f"{source}: {d}" for d in detail))
         raise error
-    refused = WeightsError(f"{source}: {detail}")
+    refused = WeightsError(f"{source}: {detail[0]}")
     refused.fix = fix[1] if fix else None
     raise refused
 
 
-def _architecture_hint(config: PretrainedConfig, built: str) -> list[str]:
-    archs: list[str] = list(getattr(config, "architectures", None) or [])
-    if not archs or built in archs:
-        return []
-    auto = build.auto_class_for(archs[0], str(getattr(config, "model_type", "")))
-    fix = f": set transformers_class to {auto!r}" if auto else ""
-    return [f"config.json names the architecture {archs[0]}, but {built} was built{fix}"]
-
-
-def fetch_files(
-    location: str,
-    meta: Metadata,
-    names: Sequence[str],
-    *,
-    trust_code: bool = False,
-    storage_options: StorageOptions | None = None,
-    **fetch_options: Any,
-) -> dict[str, Path]:
-    """Local paths of `names`, checked against the manifest; remote code only when trusted.
-
-    Raises:
-        UntrustedCodeError: the model's own module comes from a remote store, untrusted.
-        and as `wmtp.fetch.fetch`.
-    """
+def trusted(location: str, meta: Metadata, trust_code: bool) -> None:
+    """Raise `UntrustedCodeError` when the model's own module is remote and not trusted."""
     module = meta.loading_strategy.custom_module_file
     if module and local_root(location) is None and not trust_code:
         raise UntrustedCodeError(
             f"{join(location, module)} would run as Python code on this machine; "
             "pass trust_code=True (wmtp CLI: --trust-code) if you trust whoever can write there"
         )
-    return fetch(
-        location, names, storage_options=storage_options, manifest=meta.files, **fetch_options
-    )
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A floating `torch.dtype` from itself or a name ("bfloat16", "bf16", "fp32", ...).
 
     Raises:
-        MetadataError: an unknown name or a dtype that is not floating point.
+        MetadataError: an unknown name, or a dtype that is not floating point.
     """
     if dtype is None:
         return None
@@ -197,77 +155,60 @@ def load(
 ) -> torch.nn.Module:
     """Load the model at `location` exactly as its `metadata.json` says, in eval mode.
 
-    Every key and shape is checked from the safetensors headers before any weight is read;
-    the weights are then mapped from the files and assigned, not copied.
+    Keys and shapes are checked from the safetensors headers before any weight is read;
+    the weights are then mapped from the files and assigned, never copied.
 
     Args:
-        location: the model folder: a path, or a URL (`file://`, `s3://`, `gs://`, `az://`,
-            `https://`).
-        dtype: cast floating tensors to this (`torch.bfloat16` or "bf16", ...); None keeps
-            the checkpoint's dtype.
+        location: the model folder, a path or URL (`file://`, `s3://`, `gs://`, `https://`...).
+        dtype: cast floating tensors to this (`torch.bfloat16`, "bf16", ...); None keeps them.
         device: where to place the model; None leaves it on the CPU.
-        storage_options: obstore configuration for remote locations (wins over the
-            environment): `endpoint`, `region`, `access_key_id`, `allow_http`, ...
-        trust_code: allow the model's own module (`custom_module_file`) to run when it comes
-            from a remote store. Code in a local folder is the user's and runs.
-        cache_dir: where remote files are cached (default `$WMTP_CACHE_DIR` or `~/.cache/wmtp`).
+        storage_options: obstore settings for remote locations (win over the environment).
+        trust_code: run a remote model's own module (a local folder's code always runs).
+        cache_dir: where remote files are cached (default `$WMTP_CACHE_DIR`, `~/.cache/wmtp`).
         progress: a download progress bar; None shows one when stderr is a terminal.
-        verify: hash local files against the metadata's manifest (`files`); sizes are
-            always checked, and downloads always hashed.
-        timings: a dict to fill with seconds per phase ("fetch", "build", "map", "assign").
+        verify: hash local files against the manifest (downloads are always hashed).
+        timings: a dict to fill with seconds per phase: fetch, map, build, assign.
 
     Raises:
         ModelFileError: the folder, its metadata.json or a required file is missing.
-        UntrustedCodeError: remote custom code without `trust_code=True`.
-        StoreAccessError: the store refused the credentials.
-        FetchError: the store could not be reached, within bounded retries.
-        IntegrityError: a file's size or hash differs from the manifest.
-        MetadataError: invalid metadata, a class that does not exist or fails to build, a
-            module that fails to import, a corrupt safetensors file, a bad dtype.
+        MetadataError: invalid metadata, a class that is missing or fails to build, a
+            corrupt safetensors file, a bad dtype.
         WeightsError: the checkpoint's keys or shapes do not fit the model.
+        UntrustedCodeError, IntegrityError, StoreAccessError, FetchError: see their docs.
 
     Example:
-        >>> model = wmtp.load("examples/tiny-mtp", dtype="bf16")
-        >>> type(model).__name__
+        >>> type(wmtp.load("examples/tiny-mtp", dtype="bf16")).__name__
         'DistilGPT2MTP'
     """
-    meta, cast, phase = (
-        read_metadata(location, storage_options=storage_options),
-        parse_dtype(dtype),
-        _clock(timings),
-    )
-    options: dict[str, Any] = {
-        "trust_code": trust_code,
-        "storage_options": storage_options,
-        "cache_dir": cache_dir,
-        "progress": progress,
-        "verify": verify,
+    meta = read_metadata(location, storage_options=storage_options)
+    cast, lap, strategy = parse_dtype(dtype), _laps(timings), meta.loading_strategy
+    trusted(location, meta, trust_code)
+    options: dict[str, Any] = {"storage_options": storage_options, "cache_dir": cache_dir}
+    options |= {"progress": progress, "manifest": meta.files, "verify": verify}
+    files = fetch(location, strategy.required_files, **options)
+    names = checkpoint_names(strategy.required_files, files)
+    files |= fetch(location, [n for n in names if n not in files], **options)
+    lap("fetch")
+    headers = {
+        n: read_header(str(files[n].parent), files[n].name, files[n].stat().st_size) for n in names
     }
-    with phase("fetch"):
-        files = fetch_files(location, meta, meta.loading_strategy.required_files, **options)
-        names = checkpoint_names(meta.loading_strategy.required_files, files)
-        files |= fetch_files(location, meta, [n for n in names if n not in files], **options)
-    with phase("map"):
-        headers = {
-            n: read_header(str(files[n].parent), files[n].name, files[n].stat().st_size)
-            for n in names
-        }
-    with phase("build"):  # and the strict check of the headers against the empty model
-        model, groups = plan(location, meta, files, headers)
-    with phase("assign"):
-        tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
-        build.assign(
-            model, remap_state_dict(tensors, meta.loading_strategy.state_dict_mapping), groups
-        )
+    lap("map")
+    model, groups = plan(location, meta, files, headers)
+    lap("build")
+    tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
+    build.assign(model, remap_state_dict(tensors, strategy.state_dict_mapping), groups)
+    lap("assign")
     return model.eval() if device is None else model.eval().to(device)
 
 
-def _clock(timings: dict[str, float] | None) -> Callable[[str], Any]:
-    @contextmanager
-    def phase(name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if timings is not None:
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+def _laps(timings: dict[str, float] | None) -> Callable[[str], None]:
+    """`lap(name)` records in `timings` the seconds since the previous lap."""
+    last = [time.perf_counter()]
 
-    return phase
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        if timings is not None:
+            timings[name] = now - last[0]
+        last[0] = now
+
+    return lap
