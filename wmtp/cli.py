@@ -118,13 +118,13 @@ def _resolve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> Result:
-    from wmtp.resolve import candidates, choose
+    from wmtp.resolve import choose, reasons
 
     options = _storage_options(args)
-    found = candidates(args.algo, args.locations, role=args.role, storage_options=options)
+    found = reasons(args.algo, args.locations, role=args.role, storage_options=options)
     chosen = choose(found, args.algo, args.role)
     later = "also serves it, but comes later in the order"
-    passed_over = {c.location: c.reason or later for c in found if c.location != chosen}
+    passed_over = {path: why or later for path, (why, _) in found.items() if path != chosen}
     return {"algo": args.algo, "location": chosen, "passed_over": passed_over}, False
 
 

@@ -1,12 +1,10 @@
 """`fetch`: local paths of a model's files, downloading remote ones into a crash-safe cache.
 
-A local folder's files are used where they are. A remote file is downloaded once per
-version, to `<cache>/<location>-<hash>/<version>/<name>`, the version from the object's ETag.
-Parts of `PART_SIZE` come by ranged GETs on plain threads (obstore's sync calls release the
-GIL), each pinned to the ETag with If-Match so a file replaced mid-download is never mixed,
-written in place into a temporary file named after its owner, then fsynced and renamed. A
-lock per file makes concurrent processes download it once; correctness never depends on it,
-since a process only ever deletes its own temporary files or those of a dead process.
+A remote file is downloaded once per version, to `<cache>/<location>-<hash>/<etag-hash>/<name>`:
+ranged GETs of `PART_SIZE` on plain threads (obstore's sync calls release the GIL), each
+pinned to the ETag with If-Match, written in place into a temporary file named after its
+owner, fsynced, then renamed. A lock per file makes processes download it once; correctness
+never depends on it, as a process deletes only its own temporary files or a dead process's.
 """
 
 from __future__ import annotations
@@ -17,13 +15,13 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
 import obstore
-from obstore.store import ObjectStore
 
 from wmtp.errors import FetchError, IntegrityError, ModelFileError
 from wmtp.metadata import FileEntry
@@ -39,19 +37,16 @@ _SYNC_FILE_RANGE: Final = getattr(ctypes.CDLL(None), "sync_file_range", None)
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where downloads go: `cache_dir`, else `$WMTP_CACHE_DIR`, else `$XDG_CACHE_HOME/wmtp`,
     else `~/.cache/wmtp`. Deleting it is always safe between loads."""
-    if cache_dir is not None:
+    if cache_dir is not None or (cache_dir := os.environ.get("WMTP_CACHE_DIR")):
         return Path(cache_dir)
-    if env := os.environ.get("WMTP_CACHE_DIR"):
-        return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wmtp"
 
 
 def heads(
-    location: str, names: Sequence[str], storage_options: StorageOptions | None = None
+    location: str, names: Sequence[str], options: StorageOptions | None = None
 ) -> dict[str, Any]:
-    """Each file's object metadata (`size`, `e_tag`, ...) by HEAD, all at once, None where
-    it is missing; reads no data."""
-    store = open_store(location, storage_options)
+    """Each file's object metadata (`size`, `e_tag`, ...), by HEADs at once; None if missing."""
+    store = open_store(location, options)
 
     def head(name: str) -> Any:
         try:
@@ -64,11 +59,7 @@ def heads(
 
 
 def require(location: str, found: dict[str, Any]) -> dict[str, Any]:
-    """`found` (from `heads`), once every file is known to exist.
-
-    Raises:
-        ModelFileError: files are missing (all named, with the location).
-    """
+    """`found` (from `heads`), or `ModelFileError` naming every missing file at once."""
     if missing := [name for name, meta in found.items() if meta is None]:
         raise ModelFileError(
             f"required file(s) {', '.join(map(repr, missing))} not found at {location}; "
@@ -87,27 +78,23 @@ def fetch(
     manifest: Mapping[str, FileEntry] | None = None,
     verify: bool = False,
 ) -> dict[str, Path]:
-    """Local paths of `files` at `location`, downloading the remote ones first.
+    """Local paths of `files` at `location` (a folder or URL), downloading remote ones first.
 
     Args:
-        location: model folder or URL (`s3://bucket/prefix`, ...).
-        files: names relative to it (the metadata's `required_files`).
-        storage_options: obstore configuration; wins over the environment.
-        cache_dir: where downloads go (see `cache_root`).
-        progress: a progress bar on stderr; None shows one when stderr is a terminal.
-        manifest: expected size and sha256 per file. Sizes are always checked; a new
-            download is hashed; local and cached files are hashed when `verify`.
-        verify: hash local (and already cached) files against the manifest.
+        files: names relative to the location (the metadata's `required_files`).
+        storage_options, cache_dir, progress: as for `wmtp.load`.
+        manifest: expected size and sha256 per file: sizes are always checked, downloads
+            hashed, local and cached files hashed with `verify`.
 
     Raises:
         ModelFileError: files are missing (all named, with the location).
         IntegrityError: a size or hash differs from the manifest (nothing is cached).
-        StoreAccessError: the credentials were refused.
-        FetchError: the store failed after bounded retries, or a file changed mid-download.
+        StoreAccessError, FetchError: credentials refused; the store failed after bounded
+            retries, or a file changed mid-download.
 
     Example:
-        >>> fetch("s3://models/tiny-mtp", ["config.json", "model.safetensors"])
-        {'config.json': PosixPath('/root/.cache/wmtp/s3_models_tiny-mtp-1c2d…/…/config.json'), …}
+        >>> fetch("s3://models/tiny-mtp", ["config.json"])
+        {'config.json': PosixPath('/root/.cache/wmtp/s3_models_tiny-mtp-1c2d…/…/config.json')}
     """
     store, manifest = open_store(location, storage_options), manifest or {}
     found, root = require(location, heads(location, files, storage_options)), local_root(location)
@@ -118,19 +105,62 @@ def fetch(
     todo = [n for n in files if root is None and not _complete(paths[n], found[n]["size"])]
     if verify:  # cached copies were hashed when downloaded, but the manifest may be newer
         _all(lambda n: check_file(location, n, manifest, path=paths[n]), set(files) - set(todo))
-    if todo:
-        from tqdm import tqdm
+    if not todo:
+        return paths
+    from tqdm import tqdm
 
-        total, shown = (
-            sum(found[n]["size"] for n in todo),
-            None if progress is None else not progress,
-        )
-        with (
-            tqdm(total=total, unit="B", unit_scale=True, desc="wmtp", disable=shown) as bar,
-            ThreadPoolExecutor(PARALLEL) as parts,
-        ):
-            get = _downloader(store, location, manifest, parts, bar.update)
-            _all(lambda n: get(n, found[n], paths[n]), todo)
+    size = sum(found[n]["size"] for n in todo)
+    shown = None if progress is None else not progress  # None: only on a terminal
+    with (
+        tqdm(total=size, unit="B", unit_scale=True, desc="wmtp", disable=shown) as bar,
+        ThreadPoolExecutor(PARALLEL) as parts,
+    ):
+
+        def part(name: str, etag: str | None, fd: int, start: int, end: int) -> None:
+            # If-Match pins every part to the version HEAD saw: a replaced object fails.
+            options: Any = {"range": (start, end)} | ({"if_match": etag} if etag else {})
+            offset = start
+            with translate(url := join(location, name)):
+                for chunk in obstore.get(store, name, options=options).stream(2**20):
+                    os.pwrite(fd, chunk, offset)  # streamed: no part is held whole in memory
+                    offset += len(chunk)
+                    bar.update(len(chunk))
+            if offset != end:
+                raise FetchError(f"{url}: the part at byte {start} ended at {offset}, not {end}")
+            if _SYNC_FILE_RANGE is not None:  # SYNC_FILE_RANGE_WRITE: start writeback, no wait
+                _SYNC_FILE_RANGE(fd, ctypes.c_int64(start), ctypes.c_int64(end - start), 2)
+
+        def download(name: str) -> None:
+            size, etag, dest = int(found[name]["size"]), found[name].get("e_tag"), paths[name]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with _locked(dest):
+                if _complete(dest, size):  # another process finished it while we waited
+                    return
+                tmp = dest.with_name(
+                    f".{dest.name}.{HOST}~{os.getpid()}~{uuid.uuid4().hex[:8]}.part"
+                )
+                try:
+                    with tmp.open("xb") as f:
+                        f.truncate(size)
+                        starts = range(0, size, PART_SIZE)
+                        _wait(
+                            [
+                                parts.submit(
+                                    part, name, etag, f.fileno(), s, min(s + PART_SIZE, size)
+                                )
+                                for s in starts
+                            ]
+                        )
+                        os.fsync(f.fileno())
+                    check_file(location, name, manifest, path=tmp)
+                    tmp.replace(dest)
+                    fd = os.open(dest.parent, os.O_RDONLY)  # make the rename itself durable
+                    os.fsync(fd)
+                    os.close(fd)
+                finally:
+                    tmp.unlink(missing_ok=True)
+
+        _all(download, todo)
     return paths
 
 
@@ -142,75 +172,27 @@ def check_file(
     size: int | None = None,
     path: Path | None = None,
 ) -> None:
-    """Check a file's `size`, or the SHA-256 of its local copy `path`, against the manifest.
+    """Check a file's `size`, or the SHA-256 of its copy at `path`, against the manifest.
 
     Raises:
         IntegrityError: they differ (the message names the file, both values, the JSON path).
     """
     if (entry := manifest.get(name)) is None:
         return
+    url, at = join(location, name), f"metadata.json's manifest (`$.files[{name!r}]"
     if size is not None and size != entry.size:
         raise IntegrityError(
-            f"{join(location, name)} has {size} bytes, but metadata.json's manifest "
-            f"(`$.files[{name!r}].size`) says {entry.size}; the file or the manifest is stale"
+            f"{url} has {size} bytes, but {at}.size`) says {entry.size}; the file or the "
+            "manifest is stale"
         )
     if path is not None:
         with path.open("rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         if digest != entry.sha256:
             raise IntegrityError(
-                f"{join(location, name)} has sha256 {digest}, but metadata.json's manifest "
-                f"(`$.files[{name!r}].sha256`) says {entry.sha256}; the file is corrupt or "
-                "the manifest is stale (nothing was cached)"
+                f"{url} has sha256 {digest}, but {at}.sha256`) says {entry.sha256}; the file "
+                "is corrupt or the manifest is stale (nothing was cached)"
             )
-
-
-def _downloader(
-    store: ObjectStore,
-    location: str,
-    manifest: Mapping[str, FileEntry],
-    parts: ThreadPoolExecutor,
-    advance: Callable[[int], object],
-) -> Callable[[str, Any, Path], None]:
-    def download(name: str, meta: Any, dest: Path) -> None:
-        from filelock import FileLock
-
-        url, size, etag = join(location, name), int(meta["size"]), meta.get("e_tag")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(dest.with_name(f".{dest.name}.lock")):
-            if _complete(dest, size):  # another process finished it while we waited
-                return
-            _remove_orphans(dest)
-            tmp = dest.with_name(f".{dest.name}.{HOST}~{os.getpid()}~{uuid.uuid4().hex[:8]}.part")
-            try:
-                with tmp.open("xb") as f:
-                    f.truncate(size)
-                    ranges = [(s, min(s + PART_SIZE, size)) for s in range(0, size, PART_SIZE)]
-                    _wait([parts.submit(part, name, url, etag, f.fileno(), *r) for r in ranges])
-                    os.fsync(f.fileno())
-                check_file(location, name, manifest, path=tmp)
-                tmp.replace(dest)
-                fd = os.open(dest.parent, os.O_RDONLY)  # make the rename itself durable
-                os.fsync(fd)
-                os.close(fd)
-            finally:
-                tmp.unlink(missing_ok=True)
-
-    def part(name: str, url: str, etag: str | None, fd: int, start: int, end: int) -> None:
-        # If-Match pins every part to the version HEAD saw: a replaced object fails.
-        options: Any = {"range": (start, end)} | ({"if_match": etag} if etag else {})
-        offset = start
-        with translate(url):
-            for chunk in obstore.get(store, name, options=options).stream(min_chunk_size=2**20):
-                os.pwrite(fd, chunk, offset)  # streamed: no part is held whole in memory
-                offset += len(chunk)
-                advance(len(chunk))
-        if offset != end:
-            raise FetchError(f"{url}: {offset - start} bytes at {start}, not {end - start}")
-        if _SYNC_FILE_RANGE is not None:  # SYNC_FILE_RANGE_WRITE: start writeback, no wait
-            _SYNC_FILE_RANGE(fd, ctypes.c_int64(start), ctypes.c_int64(end - start), 2)
-
-    return download
 
 
 def _all(work: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
@@ -229,17 +211,22 @@ def _wait(futures: list[Future[Any]]) -> list[Any]:
         raise
 
 
-def _remove_orphans(dest: Path) -> None:
-    """Delete temporary files of `dest` left by dead processes of this host (never others')."""
-    for part in dest.parent.glob(f".{dest.name}.*.part"):
-        host, _, pid = part.name[len(dest.name) + 2 :].partition("~")
-        try:
-            os.kill(int(pid.partition("~")[0]), 0)
-        except ProcessLookupError:
-            if host == HOST:
-                part.unlink(missing_ok=True)
-        except (ValueError, OSError):
-            pass  # not ours to judge: a broken lock costs bandwidth, never a failure
+@contextmanager
+def _locked(dest: Path) -> Iterator[None]:
+    """Hold `dest`'s download lock, first deleting temporary files of dead owners here."""
+    from filelock import FileLock
+
+    with FileLock(dest.with_name(f".{dest.name}.lock")):
+        for part in dest.parent.glob(f".{dest.name}.*.part"):
+            host, _, pid = part.name.removeprefix(f".{dest.name}.").partition("~")
+            try:  # never someone else's: a broken lock costs bandwidth, never a failure
+                os.kill(int(pid.partition("~")[0]), 0)
+            except ProcessLookupError:
+                if host == HOST:
+                    part.unlink(missing_ok=True)
+            except (ValueError, OSError):
+                pass
+        yield
 
 
 def _complete(path: Path, size: int) -> bool:
@@ -255,10 +242,10 @@ def _version(meta: Mapping[str, Any]) -> str:
     return hashlib.sha256(str(tag).encode()).hexdigest()[:20]
 
 
-def _slug(location: str, storage_options: StorageOptions | None) -> str:
+def _slug(location: str, options: StorageOptions | None) -> str:
     """A readable, unique folder name for a location (the endpoint is part of its identity)."""
-    options = storage_options or {}
-    endpoint = options.get("endpoint") or options.get("aws_endpoint") or ""
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT", "")
-    digest = hashlib.sha256(f"{endpoint}|{location.rstrip('/')}".encode()).hexdigest()[:10]
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', location.rstrip('/'))[:80]}-{digest}"
+    options, env = options or {}, os.environ
+    endpoint = options.get("endpoint") or options.get("aws_endpoint") or env.get("AWS_ENDPOINT_URL")
+    endpoint = endpoint or env.get("AWS_ENDPOINT")
+    digest = hashlib.sha256(f"{endpoint or ''}|{location.rstrip('/')}".encode()).hexdigest()
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', location.rstrip('/'))[:80]}-{digest[:10]}"

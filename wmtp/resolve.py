@@ -7,19 +7,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import get_args
 
-import msgspec
-
 from wmtp.errors import MetadataError, NoCompatibleModelError, WmtpError
 from wmtp.metadata import WmtpType, read_metadata
 from wmtp.store import StorageOptions
-
-
-class Candidate(msgspec.Struct, frozen=True):
-    """A location, why it does not serve the algorithm (None: it does), and what it serves."""
-
-    location: str
-    reason: str | None
-    algorithms: tuple[str, ...] = ()
 
 
 def resolve(
@@ -29,74 +19,56 @@ def resolve(
     role: WmtpType | None = None,
     storage_options: StorageOptions | None = None,
 ) -> str:
-    """The first of `paths`, in the order given, whose metadata lists `algo`.
-
-    Only each candidate's `metadata.json` is read, all at once.
-
-    Args:
-        algo: a training algorithm, e.g. "critic-wmtp".
-        paths: candidate model locations.
-        role: also require this `wmtp_type` ("base_model", "reference_model", "reward_model").
-        storage_options: obstore configuration for remote candidates.
+    """The first of `paths`, in order, whose metadata lists `algo` (and whose `wmtp_type`
+    is `role`, when given). Only each candidate's `metadata.json` is read, all at once.
 
     Raises:
-        NoCompatibleModelError: no candidate fits; the message gives each one's reason and
-            a close algorithm name when `algo` looks like a typo.
+        NoCompatibleModelError: no candidate fits; each one's reason is listed, and a close
+            algorithm name when `algo` looks like a typo.
         MetadataError: `role` is not a known wmtp_type.
 
     Example:
         >>> resolve("critic-wmtp", ["models/mtp", "models/rm"], role="reward_model")
         'models/rm'
     """
-    return choose(candidates(algo, paths, role=role, storage_options=storage_options), algo, role)
+    return choose(reasons(algo, paths, role=role, storage_options=storage_options), algo, role)
 
 
-def choose(found: Sequence[Candidate], algo: str, role: str | None = None) -> str:
-    """The first candidate that serves `algo`, as judged by `candidates`.
-
-    Raises:
-        NoCompatibleModelError: none does; every reason listed, and a close name for a typo.
-    """
-    if chosen := next((c.location for c in found if c.reason is None), None):
+def choose(
+    found: dict[str, tuple[str | None, tuple[str, ...]]], algo: str, role: str | None
+) -> str:
+    """The first path whose reason (from `reasons`) is None, or the error listing them all."""
+    if chosen := next((path for path, (reason, _) in found.items() if reason is None), None):
         return chosen
-    close = difflib.get_close_matches(algo, sorted({a for c in found for a in c.algorithms}), n=1)
-    lines = [f"  {c.location}: {c.reason}" for c in found] or ["  (no candidates given)"]
+    known = sorted({a for _, served in found.values() for a in served})
+    close = difflib.get_close_matches(algo, known, n=1)
+    lines = [f"  {path}: {reason}" for path, (reason, _) in found.items()]
     raise NoCompatibleModelError(
         f"no candidate serves {algo!r}{f' as {role}' if role else ''}:\n"
-        + "\n".join(lines)
+        + "\n".join(lines or ["  (no candidates given)"])
         + (f"\ndid you mean {close[0]!r}?" if close else "")
     )
 
 
-def candidates(
-    algo: str,
-    paths: Sequence[str],
-    *,
-    role: WmtpType | None = None,
-    storage_options: StorageOptions | None = None,
-) -> list[Candidate]:
-    """Every path, in order, with why it does or does not serve `algo` (read all at once).
-
-    Raises:
-        MetadataError: `role` is not a known wmtp_type.
-    """
+def reasons(
+    algo: str, paths: Sequence[str], *, role: str | None, storage_options: StorageOptions | None
+) -> dict[str, tuple[str | None, tuple[str, ...]]]:
+    """Each path: why it does not serve `algo` (None: it does), and the algorithms it serves."""
     if role is not None and role not in get_args(WmtpType):
         raise MetadataError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
 
-    def judge(path: str) -> Candidate:
+    def judge(path: str) -> tuple[str | None, tuple[str, ...]]:
         try:
             meta = read_metadata(path, storage_options=storage_options)
         except WmtpError as e:
             kind = "no metadata" if isinstance(e, FileNotFoundError) else "invalid metadata"
-            return Candidate(path, f"{kind}: {str(e).splitlines()[0]}")
-        served = meta.algorithm_compatibility
+            return f"{kind}: {str(e).splitlines()[0]}", ()
+        served, kind = meta.algorithm_compatibility, meta.wmtp_type
         if algo not in served:
-            return Candidate(path, f"algorithm_compatibility is {list(served)}", served)
-        if role is not None and meta.wmtp_type != role:
-            return Candidate(
-                path, f"serves {algo} but wmtp_type is {meta.wmtp_type!r}, not {role!r}", served
-            )
-        return Candidate(path, None, served)
+            return f"algorithm_compatibility is {list(served)}", served
+        if role is not None and kind != role:
+            return f"serves {algo} but wmtp_type is {kind!r}, not {role!r}", served
+        return None, served
 
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
-        return list(pool.map(judge, paths))
+    with ThreadPoolExecutor(max(1, min(16, len(paths)))) as pool:
+        return dict(zip(paths, pool.map(judge, paths), strict=True))

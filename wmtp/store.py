@@ -1,9 +1,8 @@
 """Locations and the obstore stores behind them: configured once, errors translated once.
 
-A location is a local folder, a `file://` URL, or any URL obstore's `from_url` understands
-(`s3://`, `gs://`, `az://`, `http(s)://`). Configuration comes from the environment variables
-obstore reads (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) and from `storage_options`,
-which wins. No code outside this module knows which kind of store it talks to.
+A location is a local folder, a `file://` URL, or any URL obstore's `from_url` takes (`s3://`,
+`gs://`, `az://`, `http(s)://`). Settings come from obstore's environment variables
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) and `storage_options`, which win.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 from urllib.parse import unquote, urlparse
 
 import obstore
@@ -22,7 +21,6 @@ from obstore.store import LocalStore, ObjectStore, from_url
 from wmtp.errors import FetchError, ModelFileError, StoreAccessError
 
 StorageOptions = Mapping[str, str]
-
 # obstore's HTTP client settings go to `client_options`, the rest to the store's config
 # (obstore panics when a client key is put in config).
 CLIENT_KEYS: Final = frozenset(
@@ -42,7 +40,6 @@ ENV_PREFIXES: Final = {
     "az": "AZURE_",
     "abfs": "AZURE_",
 }
-RETRY_DEFAULTS: Final = {"max_retries": "5", "retry_timeout": "60"}
 
 
 def local_root(location: str) -> Path | None:
@@ -61,42 +58,39 @@ def join(location: str, name: str) -> str:
 def open_store(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
     """The obstore store rooted at `location`.
 
-    `storage_options` keys are obstore's store config (`endpoint`, `region`, ...) and client
-    options (`allow_http`, `timeout`, ...), plus `max_retries` and `retry_timeout` (seconds)
-    for the bounded retries with exponential backoff.
+    `storage_options` holds obstore's store config (`endpoint`, `region`, ...) and client
+    options (`allow_http`, `timeout`, ...), plus `max_retries` (default 5) and
+    `retry_timeout` (seconds, default 60) for retries with exponential backoff.
 
     Raises:
         ModelFileError: a local folder that does not exist.
         FetchError: obstore refuses the URL or an option.
     """
-    root = local_root(location)
-    if root is not None:
+    if (root := local_root(location)) is not None:
         if not root.is_dir():
             raise ModelFileError(f"model folder {str(root)!r} does not exist or is not a folder")
         return LocalStore(root)
-    options = dict(storage_options or {})
+    config: dict[str, Any] = dict(storage_options or {})
     # obstore reads client settings from the environment only when given no client_options;
-    # the defaults above are always given, so read them here (AWS_ALLOW_HTTP, ...).
+    # defaults are always given here, so read them here (AWS_ALLOW_HTTP, ...).
     prefix = ENV_PREFIXES.get(urlparse(location).scheme, "")
-    from_env = {k: v for k in CLIENT_KEYS if (v := os.environ.get(f"{prefix}{k.upper()}"))}
-    retry = RETRY_DEFAULTS | {k: options.pop(k) for k in RETRY_DEFAULTS if k in options}
-    client = CLIENT_DEFAULTS | from_env | {k: options.pop(k) for k in CLIENT_KEYS & options.keys()}
-    retry_config: Any = {
-        "max_retries": int(retry["max_retries"]),
-        "retry_timeout": timedelta(seconds=float(retry["retry_timeout"])),
+    client = CLIENT_DEFAULTS | {
+        k: v for k in CLIENT_KEYS if (v := os.environ.get(f"{prefix}{k.upper()}"))
+    }
+    client |= {k: config.pop(k) for k in CLIENT_KEYS & config.keys()}
+    retry: Any = {
+        "max_retries": int(config.pop("max_retries", 5)),
+        "retry_timeout": timedelta(seconds=float(config.pop("retry_timeout", 60))),
         "backoff": {
-            "init_backoff": timedelta(milliseconds=100),
+            "init_backoff": timedelta(seconds=0.1),
             "max_backoff": timedelta(seconds=5),
             "base": 2.0,
         },
     }
     with translate(location):
         store: ObjectStore = from_url(
-            location.rstrip("/"),
-            config=cast(Any, options),
-            client_options=cast(Any, client),
-            retry_config=retry_config,
-        )
+            location.rstrip("/"), config=config, client_options=client, retry_config=retry
+        )  # type: ignore[call-overload]
         return store
 
 
@@ -104,8 +98,7 @@ def read_file(location: str, name: str, storage_options: StorageOptions | None =
     """The bytes of a small file (metadata, config) at `location`, never cached.
 
     Raises:
-        ModelFileError: no such file there.
-        StoreAccessError, FetchError: the store refused or could not be reached.
+        ModelFileError, StoreAccessError, FetchError: no such file; refused; unreachable.
     """
     store = open_store(location, storage_options)
     with translate(join(location, name)):
@@ -131,5 +124,5 @@ def translate(url: str) -> Iterator[None]:
 
 
 def _first_line(e: BaseException) -> str:
-    text: Any = str(e).strip().splitlines()
-    return str(text[0]) if text else type(e).__name__
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
