@@ -10,7 +10,8 @@ import pytest
 
 import wmtp
 from tests.builders import FIXTURES, REAL
-from wmtp.metadata import LoaderType, decode_metadata, encode_metadata, loader_type
+from wmtp.metadata import LoaderType, decode_metadata, loader_type
+from wmtp.save import encode_metadata
 
 
 def good() -> dict[str, Any]:

@@ -1,14 +1,13 @@
-"""The `metadata.json` schema (storage version 2.0): frozen msgspec Structs and one decoder.
+"""The `metadata.json` schema (storage version 2.0): frozen msgspec Structs, one decoder.
 
-The metadata alone decides how a model loads; nothing is guessed from the files present.
-`loading_strategy` is a tagged union on `loader_type`, so the decoder itself enforces each
-loader's fields, path rules and key mapping, and every error carries its JSON path.
+`loading_strategy` is a tagged union on `loader_type`: the decoder itself enforces each
+loader's fields, the path rules and the key mapping, and every error carries its JSON path.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import Annotated, Final, Literal, get_args
 
 import msgspec
 
@@ -17,10 +16,9 @@ from wmtp.store import StorageOptions, join, read_file
 
 LoaderType = Literal["custom_mtp", "huggingface"]
 WmtpType = Literal["base_model", "reference_model", "reward_model"]
-SAFETENSORS: Final = ".safetensors"
-INDEX: Final = ".safetensors.index.json"
+SAFETENSORS, INDEX = ".safetensors", ".safetensors.index.json"
 # A path inside the model folder: no '.', '..' or empty parts, no leading '/', no '\\' or ':'
-# (drive letters, URLs), no control characters. The same rule checks an index's shard names.
+# (drive letters, URLs), no control characters. Shard names in an index obey it too.
 _PART: Final = r"(?!\.\.?(?:/|\Z))[^/\\:\x00-\x1f]+"
 RelPath = Annotated[str, msgspec.Meta(pattern=rf"^{_PART}(?:/{_PART})*\Z")]
 PyPath = Annotated[str, msgspec.Meta(pattern=rf"^{_PART}(?:/{_PART})*\.py\Z")]
@@ -36,17 +34,15 @@ class StateDictMapping(Strict, frozen=True, kw_only=True):
 
     remove_prefix: str | None = None
     add_prefix: str | None = None
-    # Full-key regular expression -> replacement (groups allowed); None drops the key.
-    key_transforms: dict[str, str | None] = {}
+    key_transforms: dict[str, str | None] = {}  # full-key regex -> replacement; None drops
 
-    def __post_init__(self) -> None:  # msgspec reports a ValueError here with its JSON path
+    def __post_init__(self) -> None:  # msgspec reports a ValueError with its JSON path
         for pattern, replacement in self.key_transforms.items():
-            try:  # sub() parses the replacement against the pattern's groups before matching
+            try:  # sub() checks the replacement against the pattern's groups before matching
                 re.compile(pattern).sub(replacement or "", "")
             except re.error as e:
                 raise ValueError(
-                    f"key_transforms {pattern!r}: {replacement!r} is not a valid regular "
-                    f"expression and replacement: {e}"
+                    f"key_transforms {pattern!r}: {replacement!r} is not a valid regular expression and replacement: {e}"
                 ) from None
 
 
@@ -57,15 +53,16 @@ class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
     required_files: tuple[RelPath, ...]
 
     def __post_init__(self) -> None:
-        files = self.required_files
-        if "config.json" not in files:
+        if "config.json" not in self.required_files:
             raise ValueError("`required_files` must list config.json")
-        if not any(f.endswith((SAFETENSORS, INDEX)) for f in files):
-            pickles = ", ".join(f for f in files if f.endswith((".bin", ".pt", ".pth")))
+        if not any(f.endswith((SAFETENSORS, INDEX)) for f in self.required_files):
+            pickles = [f for f in self.required_files if f.endswith((".bin", ".pt", ".pth"))]
+            why = (
+                f" ({', '.join(pickles)} is a pickle, which wmtp does not load)" if pickles else ""
+            )
             raise ValueError(
-                "`required_files` lists no safetensors checkpoint"
-                + (f" ({pickles} is a pickle, which wmtp does not load)" if pickles else "")
-                + "; save the weights as model.safetensors and list it"
+                f"`required_files` lists no safetensors checkpoint{why}; save the weights as "
+                "model.safetensors and list it"
             )
 
 
@@ -98,8 +95,7 @@ LoadingStrategy = CustomMTP | HuggingFace
 
 def loader_type(strategy: LoadingStrategy) -> LoaderType:
     """The strategy's `loader_type` (the tag msgspec decoded it by)."""
-    tag: LoaderType = strategy.__struct_config__.tag  # type: ignore[assignment]
-    return tag
+    return strategy.__struct_config__.tag  # type: ignore[return-value]
 
 
 class FileEntry(Strict, frozen=True, kw_only=True):
@@ -136,7 +132,7 @@ EXAMPLE_STRATEGY: Final = """\
     "required_files": ["config.json", "model.safetensors"]
   },
   "algorithm_compatibility": ["rho1-wmtp"]"""
-# What to add to msgspec's own message when it names this field (or says this).
+# What to add to msgspec's message when it names this field (or says this).
 _HINTS: Final = {
     "loader_type`": f"expected one of {', '.join(map(repr, get_args(LoaderType)))}",
     "wmtp_type`": f"expected one of {', '.join(map(repr, get_args(WmtpType)))}",
@@ -150,15 +146,11 @@ _decode: Final = msgspec.json.Decoder(Metadata).decode
 
 
 def decode_metadata(data: bytes, *, source: str) -> Metadata:
-    """Decode and validate the bytes of a `metadata.json`.
-
-    Args:
-        data: the file's content.
-        source: where it came from (a path or URL), named in every error.
+    """Decode and validate the bytes of a `metadata.json` that came from `source`.
 
     Raises:
         MetadataError: malformed JSON, or a wrong type, value, path or key mapping, with
-            its JSON path and what to write instead.
+            the file, its JSON path and what to write instead.
 
     Example:
         >>> decode_metadata(Path("m/metadata.json").read_bytes(), source="m/metadata.json")
@@ -166,23 +158,20 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
     """
     try:
         return _decode(data)
-    except msgspec.ValidationError as e:
-        raise MetadataError(_explain(str(e), source)) from None
     except msgspec.DecodeError as e:
-        raise MetadataError(f"{source}: not valid JSON: {e}") from None
-
-
-def _explain(message: str, source: str) -> str:
-    if "missing required field `loading_strategy`" in message:
-        return (
-            f"{source} has no `loading_strategy`, so there is no way to know how to load "
-            "this model (wmtp never guesses from the files present). Add one, for example:\n"
-            f"{EXAMPLE_STRATEGY}\nwith loader_type `custom_mtp` (plus model_class_name and "
-            "custom_module_file) for a model defined in the folder's own module."
-        )
-    if " - at `" not in message:
-        message += " - at `$`"  # msgspec leaves out the path when it is the root object
-    return "; ".join([f"{source}: {message}", *(h for w, h in _HINTS.items() if w in message)])
+        message = str(e) + ("" if " - at `" in str(e) else " - at `$`")  # msgspec omits `$`
+        if "missing required field `loading_strategy`" in message:
+            raise MetadataError(
+                f"{source} has no `loading_strategy`, so there is no way to know how to load "
+                "this model (wmtp never guesses from the files present). Add one, for "
+                f"example:\n{EXAMPLE_STRATEGY}\nwith loader_type `custom_mtp` (plus "
+                "model_class_name and custom_module_file) for a model defined in the "
+                "folder's own module."
+            ) from None
+        if not isinstance(e, msgspec.ValidationError):
+            message = f"not valid JSON: {e}"
+        hints = [hint for words, hint in _HINTS.items() if words in message]
+        raise MetadataError("; ".join([f"{source}: {message}", *hints])) from None
 
 
 def read_metadata(location: str, *, storage_options: StorageOptions | None = None) -> Metadata:
@@ -205,8 +194,3 @@ def read_metadata(location: str, *, storage_options: StorageOptions | None = Non
             f"{EXAMPLE_STRATEGY}\n}}"
         ) from None
     return decode_metadata(data, source=join(location, "metadata.json"))
-
-
-def encode_metadata(meta: Metadata | dict[str, Any]) -> bytes:
-    """The JSON bytes of `meta`, indented, fields in schema order."""
-    return msgspec.json.format(msgspec.json.encode(meta), indent=2) + b"\n"

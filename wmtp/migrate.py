@@ -31,9 +31,8 @@ from wmtp.metadata import (
     Metadata,
     StateDictMapping,
     WmtpType,
-    encode_metadata,
 )
-from wmtp.save import file_manifest
+from wmtp.save import encode_metadata, file_manifest
 from wmtp.store import StorageOptions, join, local_root, open_store, read_file, translate
 from wmtp.weights import checkpoint_names
 

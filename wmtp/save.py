@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import obstore
 
 from wmtp.build import auto_class_for
 from wmtp.errors import MetadataError
-from wmtp.metadata import CustomMTP, FileEntry, HuggingFace, Metadata, WmtpType, encode_metadata
+from wmtp.metadata import CustomMTP, FileEntry, HuggingFace, Metadata, WmtpType
 from wmtp.store import StorageOptions, join, open_store, translate
 
 if TYPE_CHECKING:
@@ -123,3 +124,8 @@ def file_manifest(
                 size += len(chunk)
         out[name] = FileEntry(size=size, sha256=sha.hexdigest())
     return out
+
+
+def encode_metadata(meta: Metadata) -> bytes:
+    """The JSON bytes of `meta`, indented, fields in schema order."""
+    return msgspec.json.format(msgspec.json.encode(meta), indent=2) + b"\n"
