@@ -17,7 +17,7 @@ import msgspec
 from wmtp import build
 from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
 from wmtp.fetch import fetch
-from wmtp.keys import Groups, compare, describe, fits, mapping_fix, remap_state_dict
+from wmtp.keys import Groups, Mismatch, compare, describe, mapping_fix, remap_state_dict
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, loader_type, read_metadata
 from wmtp.store import StorageOptions, join, local_root
 from wmtp.weights import Header, checkpoint_names, read_header, read_tensors
@@ -96,12 +96,12 @@ def plan(
     shapes = {k: t.shape for h in headers.values() for k, t in h.tensors.items()}
     expected, groups = build.state_shapes(model)
     mismatch = compare(expected, groups, remap_state_dict(shapes, strategy.state_dict_mapping))
-    if not found.problems and fits(mismatch):
+    if not found.problems and mismatch == Mismatch():
         return model, groups
     fix = mapping_fix(shapes, strategy.state_dict_mapping, expected, groups)
     hints = [fix[0]] if fix else []
     hints += build.architecture_hint(config, type(model).__name__)
-    detail = [] if fits(mismatch) else [describe(mismatch, type(model).__name__, hints)]
+    detail = [] if mismatch == Mismatch() else [describe(mismatch, type(model).__name__, hints)]
     if found.problems:
         error = MetadataError("\n".join([*found.problems, *(f"also, {d}" for d in detail)]))
         error.problems = (*found.problems, *(f"{source}: {d}" for d in detail))

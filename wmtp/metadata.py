@@ -42,7 +42,8 @@ class StateDictMapping(Strict, frozen=True, kw_only=True):
                 re.compile(pattern).sub(replacement or "", "")
             except re.error as e:
                 raise ValueError(
-                    f"key_transforms {pattern!r}: {replacement!r} is not a valid regular expression and replacement: {e}"
+                    f"key_transforms {pattern!r}: {replacement!r} is not a valid regular "
+                    f"expression and replacement: {e}"
                 ) from None
 
 
