@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from wmtp.errors import IntegrityError, WmtpError
-from wmtp.fetch import check_file, fetch, heads, require
+from wmtp.fetch import check_size, fetch, heads, require
 from wmtp.load import plan, trusted
 from wmtp.metadata import SAFETENSORS, FileEntry, Metadata, read_metadata
 from wmtp.store import StorageOptions
@@ -99,7 +99,7 @@ def _manifest_problems(
                 fetch(location, [name], manifest=manifest, verify=True, progress=False, **options)
             else:
                 found = require(location, heads(location, [name], options["storage_options"]))
-                check_file(location, name, manifest, size=int(found[name]["size"]))
+                check_size(location, name, manifest, int(found[name]["size"]))
         except IntegrityError as e:
             problems.append(str(e))
         except WmtpError:

@@ -99,12 +99,12 @@ def fetch(
     store, manifest = open_store(location, storage_options), manifest or {}
     found, root = require(location, heads(location, files, storage_options)), local_root(location)
     for name, meta in found.items():
-        check_file(location, name, manifest, size=int(meta["size"]))
+        check_size(location, name, manifest, int(meta["size"]))
     folder = cache_root(cache_dir) / _slug(location, storage_options)
     paths = {n: root / n if root else folder / _version(m) / n for n, m in found.items()}
     todo = [n for n in files if root is None and not _complete(paths[n], found[n]["size"])]
     if verify:  # cached copies were hashed when downloaded, but the manifest may be newer
-        _all(lambda n: check_file(location, n, manifest, path=paths[n]), set(files) - set(todo))
+        _all(lambda n: check_hash(location, n, manifest, paths[n]), set(files) - set(todo))
     if not todo:
         return paths
     from tqdm import tqdm
@@ -116,10 +116,10 @@ def fetch(
         ThreadPoolExecutor(PARALLEL) as parts,
     ):
 
-        def part(name: str, etag: str | None, fd: int, start: int, end: int) -> None:
+        def part(name: str, etag: str | None, fd: int, end: int) -> None:
             # If-Match pins every part to the version HEAD saw: a replaced object fails.
+            start = offset = (end - 1) // PART_SIZE * PART_SIZE
             options: Any = {"range": (start, end)} | ({"if_match": etag} if etag else {})
-            offset = start
             with translate(url := join(location, name)):
                 for chunk in obstore.get(store, name, options=options).stream(2**20):
                     os.pwrite(fd, chunk, offset)  # streamed: no part is held whole in memory
@@ -136,23 +136,14 @@ def fetch(
             with _locked(dest):
                 if _complete(dest, size):  # another process finished it while we waited
                     return
-                tmp = dest.with_name(
-                    f".{dest.name}.{HOST}~{os.getpid()}~{uuid.uuid4().hex[:8]}.part"
-                )
+                tmp = dest.with_name(f".{dest.name}.{HOST}~{os.getpid()}~{uuid.uuid4().hex}.part")
                 try:
                     with tmp.open("xb") as f:
                         f.truncate(size)
-                        starts = range(0, size, PART_SIZE)
-                        _wait(
-                            [
-                                parts.submit(
-                                    part, name, etag, f.fileno(), s, min(s + PART_SIZE, size)
-                                )
-                                for s in starts
-                            ]
-                        )
+                        ends = [min(s + PART_SIZE, size) for s in range(0, size, PART_SIZE)]
+                        _wait([parts.submit(part, name, etag, f.fileno(), e) for e in ends])
                         os.fsync(f.fileno())
-                    check_file(location, name, manifest, path=tmp)
+                    check_hash(location, name, manifest, tmp)
                     tmp.replace(dest)
                     fd = os.open(dest.parent, os.O_RDONLY)  # make the rename itself durable
                     os.fsync(fd)
@@ -164,35 +155,27 @@ def fetch(
     return paths
 
 
-def check_file(
-    location: str,
-    name: str,
-    manifest: Mapping[str, FileEntry],
-    *,
-    size: int | None = None,
-    path: Path | None = None,
-) -> None:
-    """Check a file's `size`, or the SHA-256 of its copy at `path`, against the manifest.
+def check_size(location: str, name: str, manifest: Mapping[str, FileEntry], size: int) -> None:
+    """Raise `IntegrityError` when the manifest lists `name` with another size."""
+    if (entry := manifest.get(name)) is not None and size != entry.size:
+        raise IntegrityError(
+            f"{join(location, name)} has {size} bytes, but metadata.json's manifest "
+            f"(`$.files[{name!r}].size`) says {entry.size}; the file or the manifest is stale"
+        )
 
-    Raises:
-        IntegrityError: they differ (the message names the file, both values, the JSON path).
-    """
+
+def check_hash(location: str, name: str, manifest: Mapping[str, FileEntry], path: Path) -> None:
+    """Raise `IntegrityError` when the manifest lists `name` with another SHA-256 than `path`'s."""
     if (entry := manifest.get(name)) is None:
         return
-    url, at = join(location, name), f"metadata.json's manifest (`$.files[{name!r}]"
-    if size is not None and size != entry.size:
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != entry.sha256:
         raise IntegrityError(
-            f"{url} has {size} bytes, but {at}.size`) says {entry.size}; the file or the "
-            "manifest is stale"
+            f"{join(location, name)} has sha256 {digest}, but metadata.json's manifest "
+            f"(`$.files[{name!r}].sha256`) says {entry.sha256}; the file is corrupt or the "
+            "manifest is stale (nothing was cached)"
         )
-    if path is not None:
-        with path.open("rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if digest != entry.sha256:
-            raise IntegrityError(
-                f"{url} has sha256 {digest}, but {at}.sha256`) says {entry.sha256}; the file "
-                "is corrupt or the manifest is stale (nothing was cached)"
-            )
 
 
 def _all(work: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
