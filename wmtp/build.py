@@ -1,9 +1,8 @@
 """Build a model empty, then give it the checkpoint's tensors.
 
 Parameters are created on the meta device (no memory, no random init) while buffers are
-computed for real, so non-persistent ones such as rotary `inv_freq` hold true values.
-`torch.device("meta")` would put buffers on meta too, hence the patch of parameter
-registration below. The checkpoint's tensors are then assigned, not copied.
+computed for real, so non-persistent ones such as rotary `inv_freq` hold true values;
+`torch.device("meta")` would make buffers meta too, hence the patch of `register_parameter`.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-_BUILD_LOCK = threading.Lock()  # the patches are process-wide: one build at a time
+_LOCK = threading.Lock()  # the patches are process-wide: one build at a time
 _FILLS = ("normal_", "uniform_", "fill_", "zero_")  # init fills: slow on meta, and pointless
 
 
@@ -45,13 +44,12 @@ def _meta_parameters() -> Iterator[None]:
             param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
         register(module, name, param)
 
-    def skip_on_meta(fill: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        return lambda t, *args, **kwargs: t if t.is_meta else fill(t, *args, **kwargs)
-
-    with _BUILD_LOCK:
+    with _LOCK:
         torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign,assignment]
         for name, fill in fills.items():
-            setattr(torch.Tensor, name, skip_on_meta(fill))
+            setattr(
+                torch.Tensor, name, lambda t, *a, f=fill, **k: t if t.is_meta else f(t, *a, **k)
+            )
         try:
             yield
         finally:
@@ -61,11 +59,8 @@ def _meta_parameters() -> Iterator[None]:
 
 
 def build_empty(cls: Callable[[Any], torch.nn.Module], config: Any, what: str) -> torch.nn.Module:
-    """`cls(config)` with every parameter on the meta device.
-
-    Raises:
-        MetadataError: it fails to build from this config (names `what`; the cause chained).
-    """
+    """`cls(config)` with every parameter on the meta device; a failure is a `MetadataError`
+    naming `what` (the cause is chained)."""
     try:
         with _meta_parameters():
             return cls(config)
@@ -74,33 +69,25 @@ def build_empty(cls: Callable[[Any], torch.nn.Module], config: Any, what: str) -
 
 
 def read_config(path: Path) -> PretrainedConfig:
-    """The transformers config of `config.json`, by its `model_type`.
-
-    Raises:
-        MetadataError: not JSON, or a `model_type` transformers does not know.
-    """
+    """The transformers config of `config.json`, by its `model_type` (else `MetadataError`)."""
     from transformers import CONFIG_MAPPING
 
     try:
         data = msgspec.json.decode(path.read_bytes(), type=dict[str, Any])
     except msgspec.MsgspecError as e:
         raise MetadataError(f"{path}: not a JSON object: {e}") from None
-    if str(data.get("model_type")) not in CONFIG_MAPPING:
+    if str(kind := data.get("model_type")) not in CONFIG_MAPPING:
         raise MetadataError(
-            f"{path}: `$.model_type` is {data.get('model_type')!r}, which transformers does "
-            'not know; set it to the architecture the model builds on (e.g. "gpt2", "llama")'
+            f"{path}: `$.model_type` is {kind!r}, which transformers does not know; set it "
+            'to the architecture the model builds on (e.g. "gpt2", "llama")'
         )
-    config: PretrainedConfig = CONFIG_MAPPING[str(data["model_type"])].from_dict(data)
+    config: PretrainedConfig = CONFIG_MAPPING[str(kind)].from_dict(data)
     return config
 
 
 def import_module_file(path: Path) -> ModuleType:
-    """Import `path` under a name unique to its content: model files that differ never
-    share code, and one file is imported once.
-
-    Raises:
-        MetadataError: the module fails to import (the cause is chained).
-    """
+    """Import `path` under a name unique to its content (model files that differ never share
+    code; one file is imported once); a failure is a `MetadataError` (the cause chained)."""
     name = f"wmtp_custom_{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
     if name in sys.modules:
         return sys.modules[name]
@@ -119,12 +106,9 @@ def module_classes(module: ModuleType) -> list[str]:
     """Names of the torch modules a module defines itself (not those it imports)."""
     import torch
 
+    own = {n: c for n, c in vars(module).items() if getattr(c, "__module__", "") == module.__name__}
     return sorted(
-        name
-        for name, obj in vars(module).items()
-        if isinstance(obj, type)
-        and issubclass(obj, torch.nn.Module)
-        and obj.__module__ == module.__name__
+        n for n, c in own.items() if isinstance(c, type) and issubclass(c, torch.nn.Module)
     )
 
 
@@ -150,8 +134,7 @@ def auto_class_for(architecture: str, model_type: str) -> str | None:
 
 def architecture_hint(config: PretrainedConfig, built: str) -> list[str]:
     """A hint when config.json's `architectures` names another class than the one built."""
-    archs = list(getattr(config, "architectures", None) or [])
-    if not archs or built in archs:
+    if not (archs := list(getattr(config, "architectures", None) or [])) or built in archs:
         return []
     auto = auto_class_for(archs[0], str(getattr(config, "model_type", "")))
     fix = f": set transformers_class to {auto!r}" if auto else ""
@@ -160,19 +143,15 @@ def architecture_hint(config: PretrainedConfig, built: str) -> list[str]:
 
 def state_shapes(model: torch.nn.Module) -> tuple[dict[str, Shape], Groups]:
     """The model's checkpoint keys with shapes, and its groups of tied names."""
-    state = model.state_dict(keep_vars=True)
-    by_tensor: dict[int, list[str]] = {}
+    state, tied = model.state_dict(keep_vars=True), dict[int, list[str]]()
     for key, tensor in state.items():
-        by_tensor.setdefault(id(tensor), []).append(key)
-    return {k: tuple(t.shape) for k, t in state.items()}, [tuple(g) for g in by_tensor.values()]
+        tied.setdefault(id(tensor), []).append(key)
+    return {k: tuple(t.shape) for k, t in state.items()}, [tuple(g) for g in tied.values()]
 
 
 def assign(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], groups: Groups) -> None:
-    """Give every tied group of `model` its checkpoint tensor, one Parameter per group.
-
-    Raises:
-        MetadataError: the model still holds tensors on the meta device afterwards.
-    """
+    """Give every tied group of `model` its tensor, one Parameter per group; `MetadataError`
+    if the model still holds tensors on the meta device afterwards."""
     import torch
 
     for group in groups:
