@@ -112,35 +112,6 @@ def module_classes(module: ModuleType) -> list[str]:
     )
 
 
-def auto_names() -> list[str]:
-    """Names of the transformers Auto classes that build models."""
-    from transformers.models.auto import modeling_auto
-
-    return sorted(n for n in vars(modeling_auto) if n.startswith("AutoModel"))
-
-
-def auto_class_for(architecture: str, model_type: str) -> str | None:
-    """The Auto class that builds `architecture` for `model_type`, if one does."""
-    import transformers
-
-    for name in auto_names():
-        # _model_mapping._model_mapping: model_type -> class name(s), without importing them
-        mapping = getattr(getattr(transformers, name), "_model_mapping", None)
-        built = getattr(mapping, "_model_mapping", {}).get(model_type)
-        if built == architecture or (isinstance(built, tuple | list) and architecture in built):
-            return name
-    return None
-
-
-def architecture_hint(config: PretrainedConfig, built: str) -> list[str]:
-    """A hint when config.json's `architectures` names another class than the one built."""
-    if not (archs := list(getattr(config, "architectures", None) or [])) or built in archs:
-        return []
-    auto = auto_class_for(archs[0], str(getattr(config, "model_type", "")))
-    fix = f": set transformers_class to {auto!r}" if auto else ""
-    return [f"config.json names the architecture {archs[0]}, but {built} was built{fix}"]
-
-
 def state_shapes(model: torch.nn.Module) -> tuple[dict[str, Shape], Groups]:
     """The model's checkpoint keys with shapes, and its groups of tied names."""
     state, tied = model.state_dict(keep_vars=True), dict[int, list[str]]()

@@ -100,8 +100,11 @@ def fetch(
     found, root = require(location, heads(location, files, storage_options)), local_root(location)
     for name, meta in found.items():
         check_size(location, name, manifest, int(meta["size"]))
-    folder = cache_root(cache_dir) / _slug(location, storage_options)
-    paths = {n: root / n if root else folder / _version(m) / n for n, m in found.items()}
+    cache = cache_root(cache_dir)
+    paths = {
+        n: root / n if root else cache / _folder(location, storage_options, m) / n
+        for n, m in found.items()
+    }
     todo = [n for n in files if root is None and not _complete(paths[n], found[n]["size"])]
     if verify:  # cached copies were hashed when downloaded, but the manifest may be newer
         _all(lambda n: check_hash(location, n, manifest, paths[n]), set(files) - set(todo))
@@ -213,22 +216,16 @@ def _locked(dest: Path) -> Iterator[None]:
 
 
 def _complete(path: Path, size: int) -> bool:
-    try:
-        return path.stat().st_size == size
-    except FileNotFoundError:
-        return False
+    return path.is_file() and path.stat().st_size == size
 
 
-def _version(meta: Mapping[str, Any]) -> str:
-    """A folder name for this version of an object: from its ETag, version id, or mtime+size."""
-    tag = meta.get("e_tag") or meta.get("version") or f"{meta['last_modified']}-{meta['size']}"
-    return hashlib.sha256(str(tag).encode()).hexdigest()[:20]
-
-
-def _slug(location: str, options: StorageOptions | None) -> str:
-    """A readable, unique folder name for a location (the endpoint is part of its identity)."""
+def _folder(location: str, options: StorageOptions | None, meta: Mapping[str, Any]) -> str:
+    """`<location>-<hash>/<version>`: readable, unique per endpoint and location, and per
+    version of the object (its ETag, version id, or mtime and size)."""
     options, env = options or {}, os.environ
     endpoint = options.get("endpoint") or options.get("aws_endpoint") or env.get("AWS_ENDPOINT_URL")
-    endpoint = endpoint or env.get("AWS_ENDPOINT")
-    digest = hashlib.sha256(f"{endpoint or ''}|{location.rstrip('/')}".encode()).hexdigest()
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', location.rstrip('/'))[:80]}-{digest[:10]}"
+    where = f"{endpoint or env.get('AWS_ENDPOINT') or ''}|{location.rstrip('/')}"
+    tag = meta.get("e_tag") or meta.get("version") or f"{meta['last_modified']}-{meta['size']}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", location.rstrip("/"))[:80]
+    digest = hashlib.sha256(where.encode()).hexdigest()[:10]
+    return f"{slug}-{digest}/{hashlib.sha256(str(tag).encode()).hexdigest()[:20]}"

@@ -3,10 +3,8 @@ checkpoint's keys and shapes with a model's, with fixes that are tried, not gues
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import msgspec
@@ -78,77 +76,3 @@ def compare(expected: Mapping[str, Shape], groups: Groups, found: Mapping[str, S
     unexpected = [k for k in found if k not in expected]
     misshapen = [(k, s, expected[k]) for k, s in found.items() if expected.get(k, s) != s]
     return Mismatch(tuple(sorted(missing)), tuple(sorted(unexpected)), tuple(sorted(misshapen)))
-
-
-def mapping_fix(
-    found: Mapping[str, Shape],
-    mapping: StateDictMapping,
-    expected: Mapping[str, Shape],
-    groups: Groups,
-) -> tuple[str, StateDictMapping] | None:
-    """The first simple change to `mapping` under which the checkpoint fits exactly, as a
-    sentence and the fixed mapping; None when none does."""
-    for hint, fixed in _tries(found, mapping, expected, groups):
-        try:
-            if compare(expected, groups, remap_state_dict(found, fixed)) == Mismatch():
-                return hint, fixed
-        except WeightsError:
-            continue
-    return None
-
-
-def _tries(
-    found: Mapping[str, Shape],
-    mapping: StateDictMapping,
-    expected: Mapping[str, Shape],
-    groups: Groups,
-) -> Iterator[tuple[str, StateDictMapping]]:
-    try:
-        now = compare(expected, groups, remap_state_dict(found, mapping))
-    except WeightsError:
-        return
-    n, replace, cut, add = len(now.unexpected), msgspec.structs.replace, "", ""
-    if old := mapping.remove_prefix:
-        hint = f"remove_prefix {old!r} makes {n} keys unexpected; the checkpoint keys already "
-        yield (
-            hint + "match without it: set remove_prefix to null",
-            replace(mapping, remove_prefix=None),
-        )
-    if mapping.add_prefix:
-        hint = f"add_prefix {mapping.add_prefix!r} makes {n} keys unexpected"
-        yield hint + ": set add_prefix to null", replace(mapping, add_prefix=None)
-        return
-    if cut := _prefix(now.unexpected):
-        new = (old or "") + cut
-        hint = f"all {n} unexpected keys start with {cut!r}, which the model's keys lack"
-        yield f"{hint}: set remove_prefix to {new!r}", replace(mapping, remove_prefix=new)
-    if now.unexpected and (add := _prefix(now.missing)):
-        lack = f"all {n} unexpected keys lack the prefix {add!r} that the model expects"
-        yield f"{lack}: set add_prefix to {add!r}", replace(mapping, add_prefix=add)
-        # When some keys already fit (a tied head, say), prefix only the others.
-        heads = "|".join(sorted({re.escape(k.split(".")[0]) for k in now.unexpected}))
-        rule = {f"((?:{heads})\\..*)": add + "\\1"}
-        transforms = rule | mapping.key_transforms
-        yield (
-            f"{lack}: add it with key_transforms {json.dumps(rule)}",
-            replace(mapping, key_transforms=transforms),
-        )
-
-
-def _prefix(keys: Sequence[str]) -> str:
-    """The longest prefix, ending at a dot, that every key shares."""
-    prefix = os.path.commonprefix(list(keys))  # noqa: RUF071 (meant: char-wise)
-    return prefix[: prefix.rfind(".") + 1]
-
-
-def describe(m: Mismatch, model: str, hints: Sequence[str]) -> str:
-    """A message listing every problem of `m`, sorted, eight keys a kind at most, then hints."""
-    lines = [f"the checkpoint does not fit {model} (loading is strict):"]
-    for keys, label in (
-        (m.missing, "missing (in the model, not in the checkpoint)"),
-        (m.unexpected, "unexpected (in the checkpoint, not in the model)"),
-    ):
-        more = f" … and {len(keys) - 8} more" if len(keys) > 8 else ""
-        lines += [f"  {len(keys)} {label}: {', '.join(map(repr, keys[:8]))}{more}"] if keys else []
-    lines += [f"  shape of {k!r}: checkpoint {list(a)}, model {list(b)}" for k, a, b in m.misshapen]
-    return "\n".join([*lines, *(f"hint: {h}" for h in hints)])

@@ -17,7 +17,7 @@ import msgspec
 from wmtp import build
 from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
 from wmtp.fetch import fetch
-from wmtp.keys import Groups, Mismatch, compare, describe, mapping_fix, remap_state_dict
+from wmtp.keys import Groups, Mismatch, compare, remap_state_dict
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, loader_type, read_metadata
 from wmtp.store import StorageOptions, join, local_root
 from wmtp.weights import Header, checkpoint_names, read_header, read_tensors
@@ -67,9 +67,11 @@ def auto_class(location: str, strategy: HuggingFace, files: Mapping[str, Path]) 
     if name.startswith("AutoModel") and hasattr(transformers, name):
         auto = getattr(transformers, name)
         return ModelClass(name, lambda config: auto.from_config(config, trust_remote_code=False))
+    from wmtp.explain import auto_names
+
     raise MetadataError(
         f"{join(location, 'metadata.json')}: `$.loading_strategy.transformers_class` {name!r} "
-        f"is not a transformers Auto model class; use one of: {', '.join(build.auto_names())}"
+        f"is not a transformers Auto model class; use one of: {', '.join(auto_names())}"
     )
 
 
@@ -93,22 +95,20 @@ def plan(
     config = build.read_config(files["config.json"])
     found = LOADERS[loader_type(strategy)](location, strategy, files)
     model = build.build_empty(found.build, config, f"{files['config.json']} ({found.name})")
-    shapes = {k: t.shape for h in headers.values() for k, t in h.tensors.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for header in headers.values():
+        for key, info in header.tensors.items():
+            if key in shapes:  # in two shards, the second would silently win
+                where = [join(location, n) for n, h in headers.items() if key in h.tensors]
+                raise WeightsError(f"tensor {key!r} is stored twice: in {' and in '.join(where)}")
+            shapes[key] = info.shape
     expected, groups = build.state_shapes(model)
-    mismatch = compare(expected, groups, remap_state_dict(shapes, strategy.state_dict_mapping))
-    if not found.problems and mismatch == Mismatch():
-        return model, groups
-    fix = mapping_fix(shapes, strategy.state_dict_mapping, expected, groups)
-    hints = [fix[0]] if fix else []
-    hints += build.architecture_hint(config, type(model).__name__)
-    detail = [] if mismatch == Mismatch() else [describe(mismatch, type(model).__name__, hints)]
-    if found.problems:
-        error = MetadataError("\n".join([*found.problems, *(f"also, {d}" for d in detail)]))
-        error.problems = (*found.problems, *(f"{source}: {d}" for d in detail))
-        raise error
-    refused = WeightsError(f"{source}: {detail[0]}")
-    refused.fix = fix[1] if fix else None
-    raise refused
+    mapping = strategy.state_dict_mapping
+    if found.problems or compare(expected, groups, remap_state_dict(shapes, mapping)) != Mismatch():
+        from wmtp.explain import refusal
+
+        raise refusal(source, found.problems, model, config, shapes, mapping, expected, groups)
+    return model, groups
 
 
 def trusted(location: str, meta: Metadata, trust_code: bool) -> None:

@@ -7,7 +7,7 @@ loader's fields, the path rules and the key mapping, and every error carries its
 from __future__ import annotations
 
 import re
-from typing import Annotated, Final, Literal, get_args
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -125,24 +125,6 @@ class Metadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     source_path: str | None = None
 
 
-EXAMPLE_STRATEGY: Final = """\
-  "loading_strategy": {
-    "loader_type": "huggingface",
-    "transformers_class": "AutoModelForCausalLM",
-    "state_dict_mapping": {"remove_prefix": null, "add_prefix": null, "key_transforms": {}},
-    "required_files": ["config.json", "model.safetensors"]
-  },
-  "algorithm_compatibility": ["rho1-wmtp"]"""
-# What to add to msgspec's message when it names this field (or says this).
-_HINTS: Final = {
-    "loader_type`": f"expected one of {', '.join(map(repr, get_args(LoaderType)))}",
-    "wmtp_type`": f"expected one of {', '.join(map(repr, get_args(WmtpType)))}",
-    "model_class_name`": 'custom_mtp needs it, e.g. "model_class_name": "DistilGPT2MTP"',
-    "custom_module_file`": 'custom_mtp needs the module defining it, e.g. "modeling.py"',
-    "transformers_class`": 'huggingface needs it, e.g. "AutoModelForCausalLM"',
-    "matching regex": "name files relative to the model folder, without '..' or '.' parts, "
-    "a leading '/', '//', '\\' or ':' (a module file ends in .py)",
-}
 _decode: Final = msgspec.json.Decoder(Metadata).decode
 
 
@@ -159,20 +141,12 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
     """
     try:
         return _decode(data)
+    except msgspec.ValidationError as e:
+        from wmtp.explain import metadata_error
+
+        raise metadata_error(str(e), source) from None
     except msgspec.DecodeError as e:
-        message = str(e) + ("" if " - at `" in str(e) else " - at `$`")  # msgspec omits `$`
-        if "missing required field `loading_strategy`" in message:
-            raise MetadataError(
-                f"{source} has no `loading_strategy`, so there is no way to know how to load "
-                "this model (wmtp never guesses from the files present). Add one, for "
-                f"example:\n{EXAMPLE_STRATEGY}\nwith loader_type `custom_mtp` (plus "
-                "model_class_name and custom_module_file) for a model defined in the "
-                "folder's own module."
-            ) from None
-        if not isinstance(e, msgspec.ValidationError):
-            message = f"not valid JSON: {e}"
-        hints = [hint for words, hint in _HINTS.items() if words in message]
-        raise MetadataError("; ".join([f"{source}: {message}", *hints])) from None
+        raise MetadataError(f"{source}: not valid JSON: {e}") from None
 
 
 def read_metadata(location: str, *, storage_options: StorageOptions | None = None) -> Metadata:
@@ -189,6 +163,8 @@ def read_metadata(location: str, *, storage_options: StorageOptions | None = Non
     try:
         data = read_file(location, "metadata.json", storage_options)
     except ModelFileError as e:
+        from wmtp.explain import EXAMPLE_STRATEGY
+
         raise ModelFileError(
             f"{e}: every model folder needs a metadata.json that says how to load it, e.g.\n"
             f'{{\n  "wmtp_type": "reference_model",\n  "storage_version": "2.0",\n'

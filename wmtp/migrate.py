@@ -19,9 +19,9 @@ from typing import Any
 import msgspec
 import obstore
 
-from wmtp.build import auto_class_for
 from wmtp.check import plan_from_headers
 from wmtp.errors import MetadataError, ModelFileError, WeightsError
+from wmtp.explain import auto_class_for
 from wmtp.fetch import fetch
 from wmtp.metadata import (
     INDEX,

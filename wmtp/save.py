@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import msgspec
 import obstore
 
-from wmtp.build import auto_class_for
 from wmtp.errors import MetadataError
 from wmtp.metadata import CustomMTP, FileEntry, HuggingFace, Metadata, WmtpType
 from wmtp.store import StorageOptions, join, open_store, translate
@@ -67,6 +66,8 @@ def save(
     folder.mkdir(parents=True, exist_ok=True)
     files = ["config.json", "model.safetensors"]
     if cls.__module__.startswith("transformers."):
+        from wmtp.explain import auto_class_for
+
         auto = transformers_class or auto_class_for(cls.__name__, config.model_type)
         if auto is None:
             raise MetadataError(f"no transformers Auto class builds {cls.__name__}; pass one")

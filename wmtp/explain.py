@@ -1,0 +1,183 @@
+"""Why a model does not load, and how to fix it: imported only when something is wrong.
+
+Every explanation is tried before it is offered: a key-mapping fix is applied to the
+checkpoint's keys and kept only when every key then fits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, get_args
+
+import msgspec
+
+from wmtp.errors import MetadataError, WeightsError
+from wmtp.keys import Groups, Mismatch, Shape, compare, remap_state_dict
+from wmtp.metadata import LoaderType, StateDictMapping, WmtpType
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+EXAMPLE_STRATEGY: Final = """\
+  "loading_strategy": {
+    "loader_type": "huggingface",
+    "transformers_class": "AutoModelForCausalLM",
+    "state_dict_mapping": {"remove_prefix": null, "add_prefix": null, "key_transforms": {}},
+    "required_files": ["config.json", "model.safetensors"]
+  },
+  "algorithm_compatibility": ["rho1-wmtp"]"""
+# What to add to msgspec's message when it names this field (or says this).
+_HINTS: Final = {
+    "loader_type`": f"expected one of {', '.join(map(repr, get_args(LoaderType)))}",
+    "wmtp_type`": f"expected one of {', '.join(map(repr, get_args(WmtpType)))}",
+    "model_class_name`": 'custom_mtp needs it, e.g. "model_class_name": "DistilGPT2MTP"',
+    "custom_module_file`": 'custom_mtp needs the module defining it, e.g. "modeling.py"',
+    "transformers_class`": 'huggingface needs it, e.g. "AutoModelForCausalLM"',
+    "matching regex": "name files relative to the model folder, without '..' or '.' parts, "
+    "a leading '/', '//', '\\' or ':' (a module file ends in .py)",
+}
+
+
+def metadata_error(message: str, source: str) -> MetadataError:
+    """msgspec's `message` about the metadata at `source`, with what to write instead."""
+    message += "" if " - at `" in message else " - at `$`"  # msgspec leaves out the root
+    if "missing required field `loading_strategy`" in message:
+        return MetadataError(
+            f"{source} has no `loading_strategy`, so there is no way to know how to load this "
+            f"model (wmtp never guesses from the files present). Add one, for example:\n"
+            f"{EXAMPLE_STRATEGY}\nwith loader_type `custom_mtp` (plus model_class_name and "
+            "custom_module_file) for a model defined in the folder's own module."
+        )
+    hints = [hint for words, hint in _HINTS.items() if words in message]
+    return MetadataError("; ".join([f"{source}: {message}", *hints]))
+
+
+def refusal(
+    source: str,
+    problems: Sequence[str],
+    model: Any,
+    config: Any,
+    found: Mapping[str, Shape],
+    mapping: StateDictMapping,
+    expected: Mapping[str, Shape],
+    groups: Groups,
+) -> Exception:
+    """The one error that reports every problem of a load: the class's `problems` and the
+    checkpoint's mismatch with `model`, with the fixes that work."""
+    mismatch = compare(expected, groups, remap_state_dict(found, mapping))
+    fix = mapping_fix(found, mapping, expected, groups)
+    hints = [*([fix[0]] if fix else []), *architecture_hint(config, type(model).__name__)]
+    detail = [] if mismatch == Mismatch() else [describe(mismatch, type(model).__name__, hints)]
+    if problems:
+        error = MetadataError("\n".join([*problems, *(f"also, {d}" for d in detail)]))
+        error.problems = (*problems, *(f"{source}: {d}" for d in detail))
+        return error
+    refused = WeightsError(f"{source}: {detail[0]}")
+    refused.fix = fix[1] if fix else None
+    return refused
+
+
+def mapping_fix(
+    found: Mapping[str, Shape],
+    mapping: StateDictMapping,
+    expected: Mapping[str, Shape],
+    groups: Groups,
+) -> tuple[str, StateDictMapping] | None:
+    """The first simple change to `mapping` under which the checkpoint fits exactly, as a
+    sentence and the fixed mapping; None when none does."""
+    for hint, fixed in _tries(found, mapping, expected, groups):
+        try:
+            if compare(expected, groups, remap_state_dict(found, fixed)) == Mismatch():
+                return hint, fixed
+        except WeightsError:
+            continue
+    return None
+
+
+def _tries(
+    found: Mapping[str, Shape],
+    mapping: StateDictMapping,
+    expected: Mapping[str, Shape],
+    groups: Groups,
+) -> Iterator[tuple[str, StateDictMapping]]:
+    try:
+        now = compare(expected, groups, remap_state_dict(found, mapping))
+    except WeightsError:
+        return
+    n, replace, cut, add = len(now.unexpected), msgspec.structs.replace, "", ""
+    if old := mapping.remove_prefix:
+        hint = f"remove_prefix {old!r} makes {n} keys unexpected; the checkpoint keys already "
+        yield (
+            hint + "match without it: set remove_prefix to null",
+            replace(mapping, remove_prefix=None),
+        )
+    if mapping.add_prefix:
+        hint = f"add_prefix {mapping.add_prefix!r} makes {n} keys unexpected"
+        yield hint + ": set add_prefix to null", replace(mapping, add_prefix=None)
+        return
+    if cut := _prefix(now.unexpected):
+        new = (old or "") + cut
+        hint = f"all {n} unexpected keys start with {cut!r}, which the model's keys lack"
+        yield f"{hint}: set remove_prefix to {new!r}", replace(mapping, remove_prefix=new)
+    if now.unexpected and (add := _prefix(now.missing)):
+        lack = f"all {n} unexpected keys lack the prefix {add!r} that the model expects"
+        yield f"{lack}: set add_prefix to {add!r}", replace(mapping, add_prefix=add)
+        # When some keys already fit (a tied head, say), prefix only the others.
+        heads = "|".join(sorted({re.escape(k.split(".")[0]) for k in now.unexpected}))
+        rule = {f"((?:{heads})\\..*)": add + "\\1"}
+        transforms = rule | mapping.key_transforms
+        yield (
+            f"{lack}: add it with key_transforms {json.dumps(rule)}",
+            replace(mapping, key_transforms=transforms),
+        )
+
+
+def _prefix(keys: Sequence[str]) -> str:
+    """The longest prefix, ending at a dot, that every key shares."""
+    prefix = os.path.commonprefix(list(keys))  # noqa: RUF071 (meant: char-wise)
+    return prefix[: prefix.rfind(".") + 1]
+
+
+def auto_names() -> list[str]:
+    """Names of the transformers Auto classes that build models."""
+    from transformers.models.auto import modeling_auto
+
+    return sorted(n for n in vars(modeling_auto) if n.startswith("AutoModel"))
+
+
+def auto_class_for(architecture: str, model_type: str) -> str | None:
+    """The Auto class that builds `architecture` for `model_type`, if one does."""
+    import transformers
+
+    for name in auto_names():
+        # _model_mapping._model_mapping: model_type -> class name(s), without importing them
+        mapping = getattr(getattr(transformers, name), "_model_mapping", None)
+        built = getattr(mapping, "_model_mapping", {}).get(model_type)
+        if built == architecture or (isinstance(built, tuple | list) and architecture in built):
+            return name
+    return None
+
+
+def architecture_hint(config: PretrainedConfig, built: str) -> list[str]:
+    """A hint when config.json's `architectures` names another class than the one built."""
+    if not (archs := list(getattr(config, "architectures", None) or [])) or built in archs:
+        return []
+    auto = auto_class_for(archs[0], str(getattr(config, "model_type", "")))
+    fix = f": set transformers_class to {auto!r}" if auto else ""
+    return [f"config.json names the architecture {archs[0]}, but {built} was built{fix}"]
+
+
+def describe(m: Mismatch, model: str, hints: Sequence[str]) -> str:
+    """A message listing every problem of `m`, sorted, eight keys a kind at most, then hints."""
+    lines = [f"the checkpoint does not fit {model} (loading is strict):"]
+    for keys, label in (
+        (m.missing, "missing (in the model, not in the checkpoint)"),
+        (m.unexpected, "unexpected (in the checkpoint, not in the model)"),
+    ):
+        more = f" … and {len(keys) - 8} more" if len(keys) > 8 else ""
+        lines += [f"  {len(keys)} {label}: {', '.join(map(repr, keys[:8]))}{more}"] if keys else []
+    lines += [f"  shape of {k!r}: checkpoint {list(a)}, model {list(b)}" for k, a, b in m.misshapen]
+    return "\n".join([*lines, *(f"hint: {h}" for h in hints)])
