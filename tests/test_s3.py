@@ -27,7 +27,7 @@ from tests.s3server import (
     upload_folder,
 )
 from tests.test_load import assert_equals_file, file_tensors
-from wmtp import fetch as fetch_module
+from wmtp import download as download_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_large_file_arrives_in_parallel_parts_pinned_to_its_etag(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     size = (models["gpt2_reference"] / "model.safetensors").stat().st_size
-    monkeypatch.setattr(fetch_module, "PART_SIZE", 64 * 1024)
+    monkeypatch.setattr(download_module, "PART_SIZE", 64 * 1024)
     before = get_request_count(s3_server, "models/gpt2_reference/model.safetensors")
     model = wmtp.load(remote["gpt2_reference"], storage_options=opts, cache_dir=tmp_path)
     parts = get_request_count(s3_server, "models/gpt2_reference/model.safetensors") - before
