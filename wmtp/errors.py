@@ -1,18 +1,15 @@
-"""The exceptions `wmtp` raises: one family under `WmtpError`, each also a built-in exception,
-so callers catch either (`except wmtp.WmtpError` or `except FileNotFoundError`). Messages say
-what went wrong, where (URL, file, JSON path, key) and how to fix it."""
-
-from __future__ import annotations
+"""The exceptions wmtp raises: one family under `WmtpError`, each also a built-in exception,
+so `except wmtp.WmtpError` and `except FileNotFoundError` both work."""
 
 
 class WmtpError(Exception):
-    """Base of every error `wmtp` raises on purpose; `problems` lists separate problems."""
+    """Base of every error wmtp raises on purpose; `problems` lists separate problems."""
 
     problems: tuple[str, ...] = ()
 
 
 class MetadataError(WmtpError, ValueError):
-    """`metadata.json` (or a file it names) says something that cannot be loaded."""
+    """metadata.json, or a file it names, says something that cannot be loaded."""
 
 
 class ModelFileError(WmtpError, FileNotFoundError):
@@ -20,8 +17,7 @@ class ModelFileError(WmtpError, FileNotFoundError):
 
 
 class WeightsError(WmtpError, KeyError):
-    """The checkpoint does not fit the model; `fix`, when set, is a `StateDictMapping`
-    under which every key fits (tried, not guessed)."""
+    """The checkpoint does not fit the model; `fix` is a mapping under which it does, if any."""
 
     fix: object = None
 
@@ -30,7 +26,7 @@ class WeightsError(WmtpError, KeyError):
 
 
 class NoCompatibleModelError(WmtpError, LookupError):
-    """`resolve` found no candidate that serves the requested algorithm."""
+    """`resolve` found no candidate that serves the algorithm."""
 
 
 class FetchError(WmtpError, ConnectionError):
@@ -38,7 +34,7 @@ class FetchError(WmtpError, ConnectionError):
 
 
 class StoreAccessError(WmtpError, PermissionError):
-    """The store refused the credentials (a wrong secret is not retried)."""
+    """The store refused the credentials (not retried)."""
 
 
 class UntrustedCodeError(WmtpError, PermissionError):

@@ -1,8 +1,8 @@
 """Locations and the obstore stores behind them: configured once, errors translated once.
 
-A location is a local folder, a `file://` URL, or any URL obstore's `from_url` takes (`s3://`,
-`gs://`, `az://`, `http(s)://`). Settings come from obstore's environment variables
-(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) and `storage_options`, which win.
+A location is a folder, a `file://` URL or any URL obstore's `from_url` takes (`s3://`,
+`gs://`, `az://`, `https://`). Settings come from obstore's environment variables
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) and from `storage_options`, which win.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from typing import Any, Final
 from urllib.parse import unquote, urlparse
 
 import obstore
+from obstore import exceptions as obx
 from obstore.store import LocalStore, ObjectStore, from_url
 
 from wmtp.errors import FetchError, ModelFileError, StoreAccessError
 
 StorageOptions = Mapping[str, str]
-# obstore's HTTP client settings go to `client_options`, the rest to the store's config
-# (obstore panics when a client key is put in config).
+# obstore's HTTP client settings go to `client_options`, not to the store's config, where
+# obstore panics on them.
 CLIENT_KEYS: Final = frozenset(
     "allow_http allow_invalid_certificates connect_timeout default_content_type "
     "default_headers http1_only http2_keep_alive_interval http2_keep_alive_timeout "
@@ -30,24 +31,18 @@ CLIENT_KEYS: Final = frozenset(
     "proxy_ca_certificate proxy_excludes proxy_url randomize_addresses read_timeout "
     "root_certificate timeout user_agent".split()
 )
-# Model files are large: obstore's default 30 s limit on a whole request would cut a slow
-# part. A part is at most 16 MiB, so 300 s allows 56 KB/s; a stalled read fails after 60 s.
+# Model files are large: obstore's 30 s limit on a whole request would cut a slow part. A
+# part is at most 16 MiB, so 300 s allows 56 KB/s; a stalled read fails after 60 s.
 CLIENT_DEFAULTS: Final = {"connect_timeout": "10s", "timeout": "300s", "read_timeout": "60s"}
-ENV_PREFIXES: Final = {
-    "s3": "AWS_",
-    "s3a": "AWS_",
-    "gs": "GOOGLE_",
-    "az": "AZURE_",
-    "abfs": "AZURE_",
-}
+ENV_PREFIXES: Final = dict(s3="AWS_", s3a="AWS_", gs="GOOGLE_", az="AZURE_", abfs="AZURE_")
 
 
 def local_root(location: str) -> Path | None:
     """The folder of a local location (a path or `file://` URL), else None."""
-    if "://" not in location:
-        return Path(location).expanduser().absolute()
     url = urlparse(location)
-    return Path(unquote(url.path)) if url.scheme == "file" else None
+    if "://" not in location or url.scheme == "file":
+        return Path(unquote(url.path) if "://" in location else location).expanduser().absolute()
+    return None
 
 
 def join(location: str, name: str) -> str:
@@ -56,50 +51,33 @@ def join(location: str, name: str) -> str:
 
 
 def open_store(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
-    """The obstore store rooted at `location`.
+    """The obstore store rooted at `location`: `ModelFileError` for a missing folder,
+    `FetchError` when obstore refuses the URL or an option.
 
-    `storage_options` holds obstore's store config (`endpoint`, `region`, ...) and client
-    options (`allow_http`, `timeout`, ...), plus `max_retries` (default 5) and
-    `retry_timeout` (seconds, default 60) for retries with exponential backoff.
-
-    Raises:
-        ModelFileError: a local folder that does not exist.
-        FetchError: obstore refuses the URL or an option.
+    `storage_options` holds obstore's store and client settings (`endpoint`, `region`,
+    `allow_http`, `timeout`, ...), and `max_retries` (default 5) and `retry_timeout`
+    (seconds, default 60) for retries with exponential backoff.
     """
     if (root := local_root(location)) is not None:
         if not root.is_dir():
             raise ModelFileError(f"model folder {str(root)!r} does not exist or is not a folder")
         return LocalStore(root)
     config: dict[str, Any] = dict(storage_options or {})
-    # obstore reads client settings from the environment only when given no client_options;
-    # defaults are always given here, so read them here (AWS_ALLOW_HTTP, ...).
+    # obstore reads client settings from the environment only when given no client options.
     prefix = ENV_PREFIXES.get(urlparse(location).scheme, "")
-    client = CLIENT_DEFAULTS | {
-        k: v for k in CLIENT_KEYS if (v := os.environ.get(f"{prefix}{k.upper()}"))
-    }
-    client |= {k: config.pop(k) for k in CLIENT_KEYS & config.keys()}
-    retry: Any = {
-        "max_retries": int(config.pop("max_retries", 5)),
-        "retry_timeout": timedelta(seconds=float(config.pop("retry_timeout", 60))),
-        "backoff": {
-            "init_backoff": timedelta(seconds=0.1),
-            "max_backoff": timedelta(seconds=5),
-            "base": 2.0,
-        },
-    }
+    client = {k: v for k in CLIENT_KEYS if (v := os.environ.get(f"{prefix}{k.upper()}"))}
+    client = CLIENT_DEFAULTS | client | {k: config.pop(k) for k in CLIENT_KEYS & config.keys()}
+    retry: Any = {"max_retries": int(config.pop("max_retries", 5))}  # backoff: obstore's
+    retry["retry_timeout"] = timedelta(seconds=float(config.pop("retry_timeout", 60)))
     with translate(location):
         store: ObjectStore = from_url(
             location.rstrip("/"), config=config, client_options=client, retry_config=retry
         )  # type: ignore[call-overload]
-        return store
+    return store
 
 
 def read_file(location: str, name: str, storage_options: StorageOptions | None = None) -> bytes:
-    """The bytes of a small file (metadata, config) at `location`, never cached.
-
-    Raises:
-        ModelFileError, StoreAccessError, FetchError: no such file; refused; unreachable.
-    """
+    """The bytes of a small file (metadata, config) at `location`, never cached."""
     store = open_store(location, storage_options)
     with translate(join(location, name)):
         return bytes(obstore.get(store, name).bytes())
@@ -108,8 +86,6 @@ def read_file(location: str, name: str, storage_options: StorageOptions | None =
 @contextmanager
 def translate(url: str) -> Iterator[None]:
     """Turn obstore's exceptions into wmtp's, naming `url` and the cause."""
-    from obstore import exceptions as obx
-
     try:
         yield
     except FileNotFoundError:
@@ -124,5 +100,4 @@ def translate(url: str) -> Iterator[None]:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
