@@ -29,6 +29,10 @@ EXAMPLE_STRATEGY: Final = """\
     "required_files": ["config.json", "model.safetensors"]
   },
   "algorithm_compatibility": ["rho1-wmtp"]"""
+EXAMPLE_METADATA: Final = (
+    "it says how to load the model, e.g.\n"
+    f'{{\n  "wmtp_type": "reference_model",\n  "storage_version": "2.0",\n{EXAMPLE_STRATEGY}\n}}'
+)
 # What to add to msgspec's message when it names this field (or says this).
 _HINTS: Final = {
     "loader_type`": f"expected one of {', '.join(map(repr, get_args(LoaderType)))}",

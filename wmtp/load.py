@@ -35,8 +35,7 @@ DTYPE_ALIASES: Final = dict(
 
 
 class ModelClass(msgspec.Struct, frozen=True):
-    """What builds the model, a name for messages, and problems already found (reported
-    with the checkpoint's, so every mistake shows at once)."""
+    """What builds the model, its name, and problems to report with the checkpoint's."""
 
     name: str
     build: Callable[[PretrainedConfig], torch.nn.Module]
@@ -85,12 +84,8 @@ def plan(
     location: str, meta: Metadata, files: Mapping[str, Path], headers: Mapping[str, Header]
 ) -> tuple[torch.nn.Module, Groups]:
     """The model built empty and its groups of tied names, once the checkpoint, known from
-    its `headers` alone, fits it exactly. `check` and `migrate` stop here; `load` goes on.
-
-    Raises:
-        MetadataError: the class cannot be found or built (with the key problems too).
-        WeightsError: missing, unexpected or misshapen keys (all of them, with hints).
-    """
+    its `headers` alone, fits it exactly (`check` and `migrate` stop here); else the
+    `MetadataError` or `WeightsError` that lists every problem, with fixes."""
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
     config = build.read_config(files["config.json"])
     found = LOADERS[loader_type(strategy)](location, strategy, files)
@@ -122,11 +117,7 @@ def trusted(location: str, meta: Metadata, trust_code: bool) -> None:
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A floating `torch.dtype` from itself or a name ("bfloat16", "bf16", "fp32", ...).
-
-    Raises:
-        MetadataError: an unknown name, or a dtype that is not floating point.
-    """
+    """A floating `torch.dtype` from itself or a name ("bf16", "fp32"...), else `MetadataError`."""
     if dtype is None:
         return None
     import torch
@@ -189,9 +180,8 @@ def load(
     names = checkpoint_names(strategy.required_files, files)
     files |= fetch(location, [n for n in names if n not in files], **options)
     lap("fetch")
-    headers = {
-        n: read_header(str(files[n].parent), files[n].name, files[n].stat().st_size) for n in names
-    }
+    local = {n: (str(files[n].parent), files[n].name, files[n].stat().st_size) for n in names}
+    headers = {n: read_header(*local[n]) for n in names}
     lap("map")
     model, groups = plan(location, meta, files, headers)
     lap("build")

@@ -132,8 +132,8 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
     """Decode and validate the bytes of a `metadata.json` that came from `source`.
 
     Raises:
-        MetadataError: malformed JSON, or a wrong type, value, path or key mapping, with
-            the file, its JSON path and what to write instead.
+        MetadataError: malformed JSON, or a wrong type, value, path or key mapping; the
+            message gives the file, the JSON path and what to write instead.
 
     Example:
         >>> decode_metadata(Path("m/metadata.json").read_bytes(), source="m/metadata.json")
@@ -163,11 +163,9 @@ def read_metadata(location: str, *, storage_options: StorageOptions | None = Non
     try:
         data = read_file(location, "metadata.json", storage_options)
     except ModelFileError as e:
-        from wmtp.explain import EXAMPLE_STRATEGY
+        from wmtp.explain import EXAMPLE_METADATA
 
         raise ModelFileError(
-            f"{e}: every model folder needs a metadata.json that says how to load it, e.g.\n"
-            f'{{\n  "wmtp_type": "reference_model",\n  "storage_version": "2.0",\n'
-            f"{EXAMPLE_STRATEGY}\n}}"
+            f"{e}: every model folder needs a metadata.json; {EXAMPLE_METADATA}"
         ) from None
     return decode_metadata(data, source=join(location, "metadata.json"))
