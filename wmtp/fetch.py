@@ -2,8 +2,6 @@
 downloaded once per version (`wmtp.download`), to `<cache>/<location>-<hash>/<version>/<name>`.
 """
 
-from __future__ import annotations
-
 import hashlib
 import os
 import re

@@ -1,8 +1,6 @@
 """Checkpoint key -> model key (`remap_state_dict`, pure), and the strict comparison of a
 checkpoint's keys and shapes with a model's, with fixes that are tried, not guessed."""
 
-from __future__ import annotations
-
 import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar

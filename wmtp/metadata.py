@@ -4,8 +4,6 @@
 loader's fields, the path rules and the key mapping, and every error carries its JSON path.
 """
 
-from __future__ import annotations
-
 import re
 from typing import Annotated, Final, Literal
 

@@ -1,7 +1,5 @@
 """`resolve(algo, paths)`: pick the model that serves a training algorithm, by metadata alone."""
 
-from __future__ import annotations
-
 import difflib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor

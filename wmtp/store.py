@@ -5,8 +5,6 @@ A location is a folder, a `file://` URL or any URL obstore's `from_url` takes (`
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) and from `storage_options`, which win.
 """
 
-from __future__ import annotations
-
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
