@@ -55,8 +55,13 @@ def metadata_error(message: str, source: str) -> MetadataError:
             f"{EXAMPLE_STRATEGY}\nwith loader_type `custom_mtp` (plus model_class_name and "
             "custom_module_file) for a model defined in the folder's own module."
         )
+    return MetadataError(f"{source}: {readable(message)}")
+
+
+def readable(message: str) -> str:
+    """msgspec's `message` with the path rule in words, and the allowed values or an example."""
     hints = [hint for words, hint in _HINTS.items() if words in message]
-    return MetadataError("; ".join([f"{source}: {message}", *hints]))
+    return "; ".join([re.sub(r"matching regex '.*' -", "that is a path -", message), *hints])
 
 
 def refusal(

@@ -61,7 +61,9 @@ def checkpoint_names(required: Sequence[str], files: Mapping[str, Path]) -> list
         try:
             shards += msgspec.json.decode(index.read_bytes(), type=ShardIndex).weight_map.values()
         except msgspec.MsgspecError as e:
-            raise MetadataError(f"{index}: not a safetensors shard index: {e}") from None
+            from wmtp.explain import readable
+
+            raise MetadataError(f"{index}: not a shard index: {readable(str(e))}") from None
     return [n for n in dict.fromkeys([*required, *shards]) if n.endswith(SAFETENSORS)]
 
 
