@@ -97,7 +97,11 @@ def mapping_fix(
 ) -> tuple[str, StateDictMapping] | None:
     """The first simple change to `mapping` under which the checkpoint fits exactly, as a
     sentence and the fixed mapping; None when none does."""
-    for hint, fixed in _tries(found, mapping, expected, groups):
+    try:
+        now = compare(expected, groups, remap_state_dict(found, mapping))
+    except WeightsError:
+        return None
+    for hint, fixed in _tries(now, mapping):
         try:
             if compare(expected, groups, remap_state_dict(found, fixed)) == Mismatch():
                 return hint, fixed
@@ -106,16 +110,8 @@ def mapping_fix(
     return None
 
 
-def _tries(
-    found: Mapping[str, Shape],
-    mapping: StateDictMapping,
-    expected: Mapping[str, Shape],
-    groups: Groups,
-) -> Iterator[tuple[str, StateDictMapping]]:
-    try:
-        now = compare(expected, groups, remap_state_dict(found, mapping))
-    except WeightsError:
-        return
+def _tries(now: Mismatch, mapping: StateDictMapping) -> Iterator[tuple[str, StateDictMapping]]:
+    """Simple changes to `mapping` that could explain the mismatch `now`, simplest first."""
     n, replace, cut, add = len(now.unexpected), msgspec.structs.replace, "", ""
     if old := mapping.remove_prefix:
         hint = f"remove_prefix {old!r} makes {n} keys unexpected; the checkpoint keys already "
