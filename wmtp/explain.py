@@ -10,13 +10,16 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, get_args
 
 import msgspec
 
 from wmtp.errors import MetadataError, WeightsError
 from wmtp.keys import Groups, Mismatch, Shape, compare, remap_state_dict
-from wmtp.metadata import LoaderType, StateDictMapping, WmtpType
+from wmtp.load import ModelClass
+from wmtp.metadata import CustomMTP, LoaderType, StateDictMapping, WmtpType
+from wmtp.store import join
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -87,6 +90,22 @@ def refusal(
     refused = WeightsError(f"{source}: {detail[0]}")
     refused.fix = fix[1] if fix else None
     return refused
+
+
+def missing_class(
+    location: str, strategy: CustomMTP, module: ModuleType, defined: Sequence[str]
+) -> ModelClass:
+    """The error for a `model_class_name` the module does not define, or, when it defines one
+    model class only, that class with the problem, so the weights are checked against it too."""
+    problem = (
+        f"{join(location, 'metadata.json')}: model_class_name {strategy.model_class_name!r} is "
+        f"not defined in {strategy.custom_module_file} (defined: "
+        f"{', '.join(defined) or 'no model classes'})"
+    )
+    if len(defined) != 1:
+        raise MetadataError(problem)
+    fix = f"; set model_class_name to {defined[0]!r}"
+    return ModelClass(defined[0], getattr(module, defined[0]), (problem + fix,))
 
 
 def mapping_fix(

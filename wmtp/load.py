@@ -48,14 +48,9 @@ def custom_class(location: str, strategy: CustomMTP, files: Mapping[str, Path]) 
     name, defined = strategy.model_class_name, build.module_classes(module)
     if name in defined:
         return ModelClass(name, getattr(module, name))
-    problem = (
-        f"{join(location, 'metadata.json')}: model_class_name {name!r} is not defined in "
-        f"{strategy.custom_module_file} (defined: {', '.join(defined) or 'no model classes'})"
-    )
-    if len(defined) != 1:
-        raise MetadataError(problem)
-    fix = f"; set model_class_name to {defined[0]!r}"  # one candidate: check the weights too
-    return ModelClass(defined[0], getattr(module, defined[0]), (problem + fix,))
+    from wmtp.explain import missing_class
+
+    return missing_class(location, strategy, module, defined)
 
 
 def auto_class(location: str, strategy: HuggingFace, files: Mapping[str, Path]) -> ModelClass:
