@@ -11,8 +11,7 @@ import hashlib
 import importlib.util
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -30,14 +29,13 @@ _LOCK = threading.Lock()  # the patches are process-wide: one build at a time
 _FILLS = ("normal_", "uniform_", "fill_", "zero_")  # init fills: slow on meta, and pointless
 
 
-@contextmanager
-def _meta_parameters() -> Iterator[None]:
+def build_empty(cls: Callable[[Any], torch.nn.Module], config: Any, what: str) -> torch.nn.Module:
+    """`cls(config)` with every parameter on the meta device; a failure is a `MetadataError`
+    naming `what` (the cause is chained)."""
     import torch
 
-    register, fills = (
-        torch.nn.Module.register_parameter,
-        {n: getattr(torch.Tensor, n) for n in _FILLS},
-    )
+    register = torch.nn.Module.register_parameter
+    fills = {name: getattr(torch.Tensor, name) for name in _FILLS}
 
     def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         if param is not None and not param.is_meta:
@@ -51,21 +49,13 @@ def _meta_parameters() -> Iterator[None]:
                 torch.Tensor, name, lambda t, *a, f=fill, **k: t if t.is_meta else f(t, *a, **k)
             )
         try:
-            yield
+            return cls(config)
+        except Exception as e:
+            raise MetadataError(f"{what}: building the model from config.json failed: {e!r}") from e
         finally:
             torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
             for name, fill in fills.items():
                 setattr(torch.Tensor, name, fill)
-
-
-def build_empty(cls: Callable[[Any], torch.nn.Module], config: Any, what: str) -> torch.nn.Module:
-    """`cls(config)` with every parameter on the meta device; a failure is a `MetadataError`
-    naming `what` (the cause is chained)."""
-    try:
-        with _meta_parameters():
-            return cls(config)
-    except Exception as e:
-        raise MetadataError(f"{what}: building the model from config.json failed: {e!r}") from e
 
 
 def read_config(path: Path) -> PretrainedConfig:
