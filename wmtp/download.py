@@ -1,18 +1,22 @@
-"""Downloads into the cache, crash-safe: ranged GETs of `PART_SIZE` on plain threads (obstore's
-sync calls release the GIL), each pinned to the ETag with If-Match, streamed into a temporary
-file named after its owner, fsynced, then renamed. A lock per file makes processes download it
-once; correctness never depends on it, as a process deletes only its own temporary files or
-those of a dead process on the same host.
+"""The cache of remote files, crash-safe: `<cache>/<location>-<hash>/<version>/<name>`.
+
+A file is downloaded once per version (its ETag): ranged GETs of `PART_SIZE` on plain threads
+(obstore's sync calls release the GIL), each pinned to the ETag with If-Match, streamed into a
+temporary file named after its owner, fsynced, then renamed. A lock per file makes processes
+download it once; correctness never depends on it, as a process deletes only its own
+temporary files or those of a dead process on the same host.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import re
 import socket
 import uuid
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -22,7 +26,7 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from wmtp.errors import FetchError
-from wmtp.fetch import PARALLEL, check_hash, complete, run_all, wait_all
+from wmtp.fetch import PARALLEL, cache_root, check_hash
 from wmtp.metadata import FileEntry
 from wmtp.store import StorageOptions, join, open_store, translate
 
@@ -32,59 +36,101 @@ HOST: Final = socket.gethostname()
 _SYNC_FILE_RANGE: Final = getattr(ctypes.CDLL(None), "sync_file_range", None)
 
 
-def download(
+def cached(
     location: str,
     found: Mapping[str, Any],
-    paths: Mapping[str, Path],
     manifest: Mapping[str, FileEntry],
     storage_options: StorageOptions | None,
+    cache_dir: str | os.PathLike[str] | None,
     progress: bool | None,
-) -> None:
-    """Download each file of `found` (name -> object metadata from HEAD) to `paths[name]`."""
-    store = open_store(location, storage_options)
-    size = sum(meta["size"] for meta in found.values())
-    shown = None if progress is None else not progress  # None: only on a terminal
+    verify: bool,
+) -> dict[str, Path]:
+    """Cached copies of the files of `found` (name -> object metadata from HEAD), downloading
+    those not cached yet; with `verify`, hashing the cached ones against the manifest."""
+    root = cache_root(cache_dir)
+    paths = {n: root / _folder(location, storage_options, m) / n for n, m in found.items()}
+    todo = {n: m for n, m in found.items() if not _complete(paths[n], m["size"])}
+    _all(
+        lambda n: check_hash(location, n, manifest, paths[n]), found.keys() - todo if verify else []
+    )
+    if not todo:
+        return paths
+    shown = None if progress is None else not progress  # None: only when stderr is a terminal
     with (
-        tqdm(total=size, unit="B", unit_scale=True, desc="wmtp", disable=shown) as bar,
+        tqdm(
+            total=sum(m["size"] for m in todo.values()),
+            unit="B",
+            unit_scale=True,
+            desc="wmtp",
+            disable=shown,
+        ) as bar,
         ThreadPoolExecutor(PARALLEL) as parts,
     ):
+        get = _getter(open_store(location, storage_options), location, manifest, parts, bar.update)
+        _all(lambda n: get(n, todo[n], paths[n]), todo)
+    return paths
 
-        def part(name: str, etag: str | None, fd: int, end: int) -> None:
-            # If-Match pins every part to the version HEAD saw: a replaced object fails.
-            start = offset = (end - 1) // PART_SIZE * PART_SIZE
-            options: Any = {"range": (start, end)} | ({"if_match": etag} if etag else {})
-            with translate(url := join(location, name)):
-                for chunk in obstore.get(store, name, options=options).stream(2**20):
-                    os.pwrite(fd, chunk, offset)  # streamed: no part is held whole in memory
-                    offset += len(chunk)
-                    bar.update(len(chunk))
-            if offset != end:
-                raise FetchError(f"{url}: the part at byte {start} ended at {offset}, not {end}")
-            if _SYNC_FILE_RANGE is not None:  # SYNC_FILE_RANGE_WRITE: start writeback, no wait
-                _SYNC_FILE_RANGE(fd, ctypes.c_int64(start), ctypes.c_int64(end - start), 2)
 
-        def one(name: str) -> None:
-            size, etag, dest = int(found[name]["size"]), found[name].get("e_tag"), paths[name]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with _locked(dest):
-                if complete(dest, size):  # another process finished it while we waited
-                    return
-                tmp = dest.with_name(f".{dest.name}.{HOST}~{os.getpid()}~{uuid.uuid4().hex}.part")
-                try:
-                    with tmp.open("xb") as f:
-                        f.truncate(size)
-                        ends = [min(s + PART_SIZE, size) for s in range(0, size, PART_SIZE)]
-                        wait_all([parts.submit(part, name, etag, f.fileno(), e) for e in ends])
-                        os.fsync(f.fileno())
-                    check_hash(location, name, manifest, tmp)
-                    tmp.replace(dest)
-                    fd = os.open(dest.parent, os.O_RDONLY)  # make the rename itself durable
-                    os.fsync(fd)
-                    os.close(fd)
-                finally:
-                    tmp.unlink(missing_ok=True)
+def _getter(
+    store: Any,
+    location: str,
+    manifest: Mapping[str, FileEntry],
+    parts: ThreadPoolExecutor,
+    advance: Callable[[int], object],
+) -> Callable[[str, Any, Path], None]:
+    def part(name: str, etag: str | None, fd: int, end: int) -> None:
+        # If-Match pins every part to the version HEAD saw: a replaced object fails.
+        start = offset = (end - 1) // PART_SIZE * PART_SIZE
+        options: Any = {"range": (start, end)} | ({"if_match": etag} if etag else {})
+        with translate(url := join(location, name)):
+            for chunk in obstore.get(store, name, options=options).stream(2**20):
+                os.pwrite(fd, chunk, offset)  # streamed: no part is held whole in memory
+                offset += len(chunk)
+                advance(len(chunk))
+        if offset != end:
+            raise FetchError(f"{url}: the part at byte {start} ended at {offset}, not {end}")
+        if _SYNC_FILE_RANGE is not None:  # SYNC_FILE_RANGE_WRITE: start writeback, no wait
+            _SYNC_FILE_RANGE(fd, ctypes.c_int64(start), ctypes.c_int64(end - start), 2)
 
-        run_all(one, found)
+    def get(name: str, meta: Any, dest: Path) -> None:
+        size, etag = int(meta["size"]), meta.get("e_tag")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(dest):
+            if _complete(dest, size):  # another process finished it while we waited
+                return
+            tmp = dest.with_name(f".{dest.name}.{HOST}~{os.getpid()}~{uuid.uuid4().hex}.part")
+            try:
+                with tmp.open("xb") as f:
+                    f.truncate(size)
+                    ends = [min(s + PART_SIZE, size) for s in range(0, size, PART_SIZE)]
+                    _wait([parts.submit(part, name, etag, f.fileno(), e) for e in ends])
+                    os.fsync(f.fileno())
+                check_hash(location, name, manifest, tmp)
+                tmp.replace(dest)
+                fd = os.open(dest.parent, os.O_RDONLY)  # make the rename itself durable
+                os.fsync(fd)
+                os.close(fd)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    return get
+
+
+def _all(work: Callable[[Any], Any], items: Iterable[Any]) -> None:
+    """`work` on every item in threads; the first failure cancels what has not started."""
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        _wait([pool.submit(work, item) for item in items])
+
+
+def _wait(futures: list[Future[Any]]) -> None:
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        wait(futures)  # no write outlives the file it writes to
+        raise
 
 
 @contextmanager
@@ -101,3 +147,19 @@ def _locked(dest: Path) -> Iterator[None]:
             except (ValueError, OSError):
                 pass
         yield
+
+
+def _complete(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _folder(location: str, options: StorageOptions | None, meta: Mapping[str, Any]) -> str:
+    """`<location>-<hash>/<version>`: readable, unique per endpoint and location, and per
+    version of the object (its ETag, version id, or mtime and size)."""
+    options, env = options or {}, os.environ
+    endpoint = options.get("endpoint") or options.get("aws_endpoint") or env.get("AWS_ENDPOINT_URL")
+    where = f"{endpoint or env.get('AWS_ENDPOINT') or ''}|{location.rstrip('/')}"
+    tag = meta.get("e_tag") or meta.get("version") or f"{meta['last_modified']}-{meta['size']}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", location.rstrip("/"))[:80]
+    digest = hashlib.sha256(where.encode()).hexdigest()[:10]
+    return f"{slug}-{digest}/{hashlib.sha256(str(tag).encode()).hexdigest()[:20]}"

@@ -1,12 +1,10 @@
-"""`fetch`: local paths of a model's files, checked against the manifest; a remote file is
-downloaded once per version (`wmtp.download`), to `<cache>/<location>-<hash>/<version>/<name>`.
-"""
+"""`fetch`: local paths of a model's files, checked against the manifest. Remote files come
+from the cache, which `wmtp.download` fills."""
 
 import hashlib
 import os
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,7 +38,8 @@ def heads(
         except ModelFileError:
             return None
 
-    return dict(zip(names, run_all(head, names), strict=True))
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        return dict(zip(names, pool.map(head, names), strict=True))
 
 
 def require(location: str, found: dict[str, Any]) -> dict[str, Any]:
@@ -63,42 +62,26 @@ def fetch(
     manifest: Mapping[str, FileEntry] | None = None,
     verify: bool = False,
 ) -> dict[str, Path]:
-    """Local paths of `files` at `location` (a folder or URL), downloading remote ones first.
+    """Local paths of `files` (names in the folder or URL `location`), downloading remote ones
+    first; options as for `wmtp.load`, with the `manifest` to check sizes (always) and hashes
+    (of downloads, and of local or cached copies with `verify`) against.
 
-    Args:
-        files: names relative to the location (the metadata's `required_files`).
-        storage_options, cache_dir, progress: as for `wmtp.load`.
-        manifest: expected size and sha256 per file: sizes are always checked, downloads
-            hashed, local and cached files hashed with `verify`.
-
-    Raises:
-        ModelFileError: files are missing (all named, with the location).
-        IntegrityError: a size or hash differs from the manifest (nothing is cached).
-        StoreAccessError, FetchError: credentials refused; the store failed after bounded
-            retries, or a file changed mid-download.
-
-    Example:
-        >>> fetch("s3://models/tiny-mtp", ["config.json"])
-        {'config.json': PosixPath('/root/.cache/wmtp/s3_models_tiny-mtp-1c2d…/…/config.json')}
+    Raises `ModelFileError` naming every missing file, `IntegrityError`, `StoreAccessError`
+    or `FetchError` (after bounded retries, or when a file changed mid-download).
     """
     manifest = manifest or {}
-    found, root = require(location, heads(location, files, storage_options)), local_root(location)
+    found = require(location, heads(location, files, storage_options))
     for name, meta in found.items():
         check_size(location, name, manifest, int(meta["size"]))
-    cache = cache_root(cache_dir)
-    paths = {
-        n: root / n if root else cache / _folder(location, storage_options, m) / n
-        for n, m in found.items()
-    }
-    todo = [n for n in files if root is None and not complete(paths[n], found[n]["size"])]
-    if verify:  # cached copies were hashed when downloaded, but the manifest may be newer
-        run_all(lambda n: check_hash(location, n, manifest, paths[n]), set(files) - set(todo))
-    if not todo:
-        return paths
-    from wmtp.download import download
+    if (root := local_root(location)) is None:
+        from wmtp.download import cached
 
-    download(location, {n: found[n] for n in todo}, paths, manifest, storage_options, progress)
-    return paths
+        return cached(location, found, manifest, storage_options, cache_dir, progress, verify)
+    with ThreadPoolExecutor(PARALLEL) as pool:  # hashing releases the GIL
+        list(
+            pool.map(lambda n: check_hash(location, n, manifest, root / n), files if verify else [])
+        )
+    return {name: root / name for name in files}
 
 
 def check_size(location: str, name: str, manifest: Mapping[str, FileEntry], size: int) -> None:
@@ -122,35 +105,3 @@ def check_hash(location: str, name: str, manifest: Mapping[str, FileEntry], path
             f"(`$.files[{name!r}].sha256`) says {entry.sha256}; the file is corrupt or the "
             "manifest is stale (nothing was cached)"
         )
-
-
-def run_all(work: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-    """`work` on every item in threads; the first failure cancels what has not started."""
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        return wait_all([pool.submit(work, item) for item in items])
-
-
-def wait_all(futures: list[Future[Any]]) -> list[Any]:
-    try:
-        return [f.result() for f in futures]
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        wait(futures)  # no write outlives the file it writes to
-        raise
-
-
-def complete(path: Path, size: int) -> bool:
-    return path.is_file() and path.stat().st_size == size
-
-
-def _folder(location: str, options: StorageOptions | None, meta: Mapping[str, Any]) -> str:
-    """`<location>-<hash>/<version>`: readable, unique per endpoint and location, and per
-    version of the object (its ETag, version id, or mtime and size)."""
-    options, env = options or {}, os.environ
-    endpoint = options.get("endpoint") or options.get("aws_endpoint") or env.get("AWS_ENDPOINT_URL")
-    where = f"{endpoint or env.get('AWS_ENDPOINT') or ''}|{location.rstrip('/')}"
-    tag = meta.get("e_tag") or meta.get("version") or f"{meta['last_modified']}-{meta['size']}"
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", location.rstrip("/"))[:80]
-    digest = hashlib.sha256(where.encode()).hexdigest()[:10]
-    return f"{slug}-{digest}/{hashlib.sha256(str(tag).encode()).hexdigest()[:20]}"

@@ -70,12 +70,9 @@ def checkpoint_names(required: Sequence[str], files: Mapping[str, Path]) -> list
 def read_header(
     location: str, name: str, size: int, options: StorageOptions | None = None
 ) -> Header:
-    """The header of a safetensors file of `size` bytes, from two small ranged reads.
-
-    Raises:
-        MetadataError: not safetensors, one that safetensors itself refuses (offsets out of
-            bounds, overlapping or not matching shape x dtype, truncated, trailing bytes...),
-            or a dtype torch lacks; the message names the file and the cause.
+    """The header of a safetensors file of `size` bytes, from two small ranged reads; a
+    `MetadataError` naming the file when it is not safetensors, when safetensors' own reader
+    refuses it (offsets, sizes, truncation, trailing bytes...) or a dtype has no torch type.
     """
     from safetensors import safe_open
 
