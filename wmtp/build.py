@@ -92,16 +92,6 @@ def import_module_file(path: Path) -> ModuleType:
     return module
 
 
-def module_classes(module: ModuleType) -> list[str]:
-    """Names of the torch modules a module defines itself (not those it imports)."""
-    import torch
-
-    own = {n: c for n, c in vars(module).items() if getattr(c, "__module__", "") == module.__name__}
-    return sorted(
-        n for n, c in own.items() if isinstance(c, type) and issubclass(c, torch.nn.Module)
-    )
-
-
 def state_shapes(model: torch.nn.Module) -> tuple[dict[str, Shape], Groups]:
     """The model's checkpoint keys with shapes, and its groups of tied names."""
     state, tied = model.state_dict(keep_vars=True), dict[int, list[str]]()

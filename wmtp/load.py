@@ -6,6 +6,7 @@ metadata.json -> fetch -> headers -> LOADERS[loader_type] finds the class -> bui
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -27,11 +28,8 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 # Names `dtype` takes besides torch's own ("float32", "bfloat16", ...).
-DTYPE_ALIASES: Final = dict(
-    pair.split("=")
-    for pair in "fp32=float32 float=float32 bf16=bfloat16 fp16=float16 half=float16 "
-    "fp64=float64 double=float64".split()
-)
+DTYPE_ALIASES: Final = dict(a.split("=") for a in "fp32=float32 float=float32 bf16=bfloat16 "
+    "fp16=float16 half=float16 fp64=float64 double=float64".split())  # fmt: skip
 
 
 class ModelClass(msgspec.Struct, frozen=True):
@@ -43,10 +41,16 @@ class ModelClass(msgspec.Struct, frozen=True):
 
 
 def custom_class(location: str, strategy: CustomMTP, files: Mapping[str, Path]) -> ModelClass:
-    """`model_class_name`, defined in the folder's own module (`custom_module_file`)."""
+    """`model_class_name`, a torch module the folder's own module (`custom_module_file`)
+    defines itself (not one it imports)."""
+    from torch.nn import Module
+
     module = build.import_module_file(files[strategy.custom_module_file])
-    name, defined = strategy.model_class_name, build.module_classes(module)
-    if name in defined:
+    own = [c for c in vars(module).values() if getattr(c, "__module__", "") == module.__name__]
+    defined = sorted(
+        c.__name__ for c in own if isinstance(c, type) and issubclass(c, torch.nn.Module)
+    )
+    if (name := strategy.model_class_name) in defined:
         return ModelClass(name, getattr(module, name))
     from wmtp.explain import missing_class
 
@@ -166,34 +170,24 @@ def load(
         >>> type(wmtp.load("examples/tiny-mtp", dtype="bf16")).__name__
         'DistilGPT2MTP'
     """
+    marks = [time.perf_counter()]  # and the end of each phase: fetch, map, build, assign
     meta = read_metadata(location, storage_options=storage_options)
-    cast, lap, strategy = parse_dtype(dtype), _laps(timings), meta.loading_strategy
+    cast, strategy = parse_dtype(dtype), meta.loading_strategy
     trusted(location, meta, trust_code)
     options: dict[str, Any] = {"storage_options": storage_options, "cache_dir": cache_dir}
     options |= {"progress": progress, "manifest": meta.files, "verify": verify}
     files = fetch(location, strategy.required_files, **options)
     names = checkpoint_names(strategy.required_files, files)
     files |= fetch(location, [n for n in names if n not in files], **options)
-    lap("fetch")
+    marks.append(time.perf_counter())
     local = {n: (str(files[n].parent), files[n].name, files[n].stat().st_size) for n in names}
     headers = {n: read_header(*local[n]) for n in names}
-    lap("map")
+    marks.append(time.perf_counter())
     model, groups = plan(location, meta, files, headers)
-    lap("build")
+    marks.append(time.perf_counter())
     tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
     build.assign(model, remap_state_dict(tensors, strategy.state_dict_mapping), groups)
-    lap("assign")
+    marks.append(time.perf_counter())
+    if timings is not None:
+        timings |= zip(("fetch", "map", "build", "assign"), map(operator.sub, marks[1:], marks))  # noqa: B905
     return model.eval() if device is None else model.eval().to(device)
-
-
-def _laps(timings: dict[str, float] | None) -> Callable[[str], None]:
-    """`lap(name)` records in `timings` the seconds since the previous lap."""
-    last = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        if timings is not None:
-            timings[name] = now - last[0]
-        last[0] = now
-
-    return lap
