@@ -47,9 +47,7 @@ def custom_class(location: str, strategy: CustomMTP, files: Mapping[str, Path]) 
 
     module = build.import_module_file(files[strategy.custom_module_file])
     own = [c for c in vars(module).values() if getattr(c, "__module__", "") == module.__name__]
-    defined = sorted(
-        c.__name__ for c in own if isinstance(c, type) and issubclass(c, torch.nn.Module)
-    )
+    defined = sorted(c.__name__ for c in own if isinstance(c, type) and issubclass(c, Module))
     if (name := strategy.model_class_name) in defined:
         return ModelClass(name, getattr(module, name))
     from wmtp.explain import missing_class
