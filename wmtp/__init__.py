@@ -1,11 +1,6 @@
-"""wmtp: load WMTP models (MTP base, reference and reward models) exactly as their metadata says.
-
-    >>> import wmtp
-    >>> model = wmtp.load("examples/tiny-mtp")
-    >>> wmtp.resolve("critic-wmtp", ["models/mtp", "models/rm"])
-
-torch and transformers are imported only when a model is loaded.
-"""
+"""wmtp: load WMTP models (MTP base, reference and reward models) exactly as their metadata
+says: `wmtp.load("examples/tiny-mtp")`, `wmtp.resolve("critic-wmtp", ["models/mtp", "models/rm"])`.
+torch and transformers are imported only when a model is loaded."""
 
 from wmtp.errors import (  # noqa: I001
     FetchError, IntegrityError, MetadataError, ModelFileError, NoCompatibleModelError,

@@ -88,14 +88,11 @@ def translate(url: str) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise ModelFileError(f"{url} does not exist") from None
-    except (obx.PermissionDeniedError, obx.UnauthenticatedError) as e:
+    except (obx.BaseError, OSError) as e:
+        cause = str(e).strip().partition("\n")[0] or type(e).__name__
+        if not isinstance(e, obx.PermissionDeniedError | obx.UnauthenticatedError):
+            raise FetchError(f"{url}: {cause}") from e
         raise StoreAccessError(
-            f"{url}: access denied ({_first_line(e)}); check the credentials "
+            f"{url}: access denied ({cause}); check the credentials "
             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options) and their rights"
         ) from None
-    except (obx.BaseError, OSError) as e:
-        raise FetchError(f"{url}: {_first_line(e)}") from e
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
