@@ -10,7 +10,7 @@ import pytest
 
 import wmtp
 from tests.builders import FIXTURES, REAL
-from wmtp.metadata import LoaderType, decode_metadata, loader_type
+from wmtp.metadata import LoaderType, decode_metadata
 from wmtp.save import encode_metadata
 
 
@@ -29,7 +29,7 @@ def test_every_real_file_decodes(folder: str) -> None:
     path = REAL / folder / "metadata.json"
     raw = json.loads(path.read_text())
     meta = decode_metadata(path.read_bytes(), source=str(path))
-    assert loader_type(meta.loading_strategy) == raw["loading_strategy"]["loader_type"]
+    assert meta.loading_strategy.loader_type == raw["loading_strategy"]["loader_type"]
     assert list(meta.algorithm_compatibility) == raw["algorithm_compatibility"]
     assert list(meta.loading_strategy.required_files) == raw["loading_strategy"]["required_files"]
     assert meta.source_path == raw["source_path"]

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 import wmtp
 from tests import builders
 from wmtp.check import check
-from wmtp.metadata import loader_type
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FEW = settings(max_examples=10, deadline=None)
@@ -100,7 +99,7 @@ def test_save_then_load_gives_back_every_mtp_tensor(
         )
         assert wmtp.read_metadata(str(folder)) == meta
         strategy = meta.loading_strategy
-        assert loader_type(strategy) == "custom_mtp"
+        assert strategy.loader_type == "custom_mtp"
         assert strategy.model_class_name == "DistilGPT2MTP"
         assert strategy.custom_module_file == "modeling.py"
         assert strategy.required_files == ("config.json", "model.safetensors", "modeling.py")
@@ -136,7 +135,7 @@ def test_save_then_load_gives_back_every_gpt2_tensor(
         )
         assert wmtp.read_metadata(str(folder)) == meta
         strategy = meta.loading_strategy
-        assert loader_type(strategy) == "huggingface"
+        assert strategy.loader_type == "huggingface"
         assert strategy.transformers_class == "AutoModelForCausalLM"
         assert strategy.model_class_name is None
         assert strategy.required_files == ("config.json", "model.safetensors")

@@ -19,7 +19,7 @@ from wmtp import build
 from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
 from wmtp.fetch import fetch
 from wmtp.keys import Groups, Mismatch, compare, remap_state_dict
-from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, loader_type, read_metadata
+from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, read_metadata
 from wmtp.store import StorageOptions, join, local_root
 from wmtp.weights import Header, checkpoint_names, read_header, read_tensors
 
@@ -85,7 +85,7 @@ def plan(
     `MetadataError` or `WeightsError` that lists every problem, with fixes."""
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
     config = build.read_config(files["config.json"])
-    found = LOADERS[loader_type(strategy)](location, strategy, files)
+    found = LOADERS[strategy.loader_type](location, strategy, files)
     model = build.build_empty(found.build, config, f"{files['config.json']} ({found.name})")
     shapes: dict[str, tuple[int, ...]] = {}
     for header in headers.values():

@@ -5,7 +5,7 @@ loader's fields, the path rules and the key mapping, and every error carries its
 """
 
 import re
-from typing import Annotated, Final, Literal
+from typing import Annotated, ClassVar, Final, Literal
 
 import msgspec
 
@@ -68,6 +68,7 @@ class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
 class CustomMTP(Strategy, frozen=True, kw_only=True, tag="custom_mtp"):
     """A model whose class is defined in the folder's own module."""
 
+    loader_type: ClassVar[LoaderType] = "custom_mtp"  # the tag, as an attribute
     model_class_name: Name
     custom_module_file: PyPath
     transformers_class: None = None
@@ -84,17 +85,13 @@ class CustomMTP(Strategy, frozen=True, kw_only=True, tag="custom_mtp"):
 class HuggingFace(Strategy, frozen=True, kw_only=True, tag="huggingface"):
     """A transformers model built by an Auto class from `config.json`."""
 
+    loader_type: ClassVar[LoaderType] = "huggingface"
     transformers_class: Name
     model_class_name: None = None
     custom_module_file: None = None
 
 
 LoadingStrategy = CustomMTP | HuggingFace
-
-
-def loader_type(strategy: LoadingStrategy) -> LoaderType:
-    """The strategy's `loader_type` (the tag msgspec decoded it by)."""
-    return strategy.__struct_config__.tag  # type: ignore[return-value]
 
 
 class FileEntry(Strict, frozen=True, kw_only=True):
