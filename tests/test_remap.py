@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wmtp import StateDictMapping, WeightsError, remap_state_dict
-from wmtp.keys import remap_key
+from wmtp.build import remap_key
 
 TEMPLATES = [
     "transformer.h.{}.attn.c_attn.weight",

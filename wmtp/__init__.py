@@ -7,7 +7,7 @@ from wmtp.errors import (  # noqa: I001
     StoreAccessError, UntrustedCodeError, WeightsError, WmtpError,
 )  # fmt: skip
 from wmtp.fetch import cache_root
-from wmtp.keys import remap_state_dict
+from wmtp.build import remap_state_dict
 from wmtp.load import LOADERS, load
 from wmtp.metadata import LoadingStrategy, Metadata, StateDictMapping, decode_metadata
 from wmtp.metadata import read_metadata

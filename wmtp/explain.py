@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Final, get_args
 
 import msgspec
 
+from wmtp.build import Groups, Mismatch, Shape, compare, remap_state_dict
 from wmtp.errors import MetadataError, WeightsError
-from wmtp.keys import Groups, Mismatch, Shape, compare, remap_state_dict
 from wmtp.load import ModelClass
 from wmtp.metadata import CustomMTP, LoaderType, StateDictMapping, WmtpType
 from wmtp.store import join

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from wmtp import build
+from wmtp.build import Groups, Mismatch, compare, remap_state_dict
 from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
 from wmtp.fetch import fetch
-from wmtp.keys import Groups, Mismatch, compare, remap_state_dict
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, read_metadata
 from wmtp.store import StorageOptions, join, local_root
 from wmtp.weights import Header, checkpoint_names, read_header, read_tensors
