@@ -21,7 +21,7 @@ from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
 from wmtp.fetch import fetch
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, read_metadata
 from wmtp.store import StorageOptions, join, local_root
-from wmtp.weights import Header, checkpoint_names, read_header, read_tensors
+from wmtp.weights import Header, checkpoint_names, prefetch, read_header, read_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -177,6 +177,7 @@ def load(
     files = fetch(location, strategy.required_files, **options)
     names = checkpoint_names(strategy.required_files, files)
     files |= fetch(location, [n for n in names if n not in files], **options)
+    prefetch([files[n] for n in names])
     marks.append(time.perf_counter())
     local = {n: (str(files[n].parent), files[n].name, files[n].stat().st_size) for n in names}
     headers = {n: read_header(*local[n]) for n in names}
