@@ -1,112 +1,142 @@
-"""Spawning measurement children and collecting what they report (parent side)."""
+"""The harness every benchmark uses: interleaved rounds, medians, targets, Markdown, outputs."""
 
 from __future__ import annotations
 
+import math
 import os
-import subprocess
+import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal, TypeVar
 
 import msgspec
 
-from benchmarks.child import ChildResult
-from benchmarks.models import REPO
-
+T = TypeVar("T")
+Status = Literal["pass", "missed", "FAIL", "not measured"]
+REPO: Final = Path(__file__).resolve().parent.parent
+RESULTS: Final = REPO / "benchmarks" / "results"
+MIB: Final = 1 << 20
 # Children must never reach the network, and progress bars would only pollute stderr.
-QUIET_ENV: Final = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+QUIET: Final = {
+    **dict.fromkeys(
+        ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"), "1"
+    ),
     "TRANSFORMERS_VERBOSITY": "error",
-    "TOKENIZERS_PARALLELISM": "false",
+    "AWS_METADATA_ENDPOINT": "http://127.0.0.1:9",
 }
 
 
-class Sample(msgspec.Struct, frozen=True):
-    """One child's result, with the wall time from spawn to the end of its measured part."""
+class Target(msgspec.Struct, frozen=True):
+    """A target on one model: the measured value, the goal, the limit past which the run fails."""
 
     model: str
-    result: ChildResult
-    spawn_to_end_s: float
+    name: str
+    value: float | None
+    goal: float
+    limit: float
+    at_least: bool  # the value must be >= goal (else <=)
+    status: Status
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (stdout carries the report)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def child_env() -> dict[str, str]:
-    """The environment of a child: this one, quiet and offline, with the repository importable."""
+    """The environment of a child process: quiet, offline, the repository importable."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, **QUIET_ENV, "PYTHONPATH": path}
+    return {**os.environ, **QUIET, "PYTHONPATH": path}
 
 
-def parse_child(mode: str, completed: subprocess.CompletedProcess[str]) -> ChildResult:
-    """The child's JSON line, or a result holding the reason there is none."""
-    lines = completed.stdout.strip().splitlines()
-    if completed.returncode == 0 and lines:
-        try:
-            return msgspec.json.decode(lines[-1], type=ChildResult)
-        except msgspec.DecodeError:
-            pass
-    tail = " | ".join(completed.stderr.strip().splitlines()[-3:])
-    return ChildResult(mode, error=f"child exited {completed.returncode}: {tail}")
+def interleave(
+    jobs: Mapping[str, Callable[[], T]], runs: int, warmup: int = 0
+) -> dict[str, list[T]]:
+    """`runs` results of every job, one of each per round, the order rotating round by round.
 
-
-def spawn(mode: str, folder: Path) -> tuple[ChildResult, float]:
-    """Run one child; its result and the wall time from spawn to the end of its measurement."""
-    start = time.time()
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.child", mode, str(folder)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    result = parse_child(mode, completed)
-    return result, (result.wall_end - start if result.wall_end else 0.0)
-
-
-def measure_model(
-    model: str,
-    folder: Path,
-    modes: Sequence[str],
-    runs: int,
-    progress: Callable[[str], None],
-) -> list[Sample]:
-    """`runs` fresh-process samples of every mode on `folder`, modes interleaved run by run.
-
-    Interleaving spreads slow drifts of a noisy machine over all methods alike.
+    Interleaving spreads the slow drifts of a shared machine over all jobs alike, and rotating
+    keeps a first-in-round effect off any one job. The first `warmup` rounds are dropped.
     """
-    samples: list[Sample] = []
-    for run in range(1, runs + 1):
-        for mode in modes:
-            result, spawn_to_end = spawn(mode, folder)
-            samples.append(Sample(model, result, spawn_to_end))
-            shown = result.error or f"{result.load_s + result.after_s:.3f} s"
-            progress(f"{model}: run {run}/{runs} {mode}: {shown}")
-            if result.unavailable:
-                # Every later run would say the same; do not spend minutes repeating it.
-                modes = [m for m in modes if m != mode]
-    return samples
+    names = list(jobs)
+    out: dict[str, list[T]] = {name: [] for name in names}
+    for round_no in range(warmup + runs):
+        shift = round_no % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            result = jobs[name]()
+            if round_no >= warmup:
+                out[name].append(result)
+    return out
 
 
-def interpreter_seconds(code: str) -> float:
-    """Wall time of `python -c code` in a fresh interpreter, from spawn to exit."""
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=child_env(), check=True, capture_output=True
-    )
-    return time.perf_counter() - start
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the known values, or None when there are none."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
-def import_times(runs: int) -> tuple[list[float], list[float], str]:
-    """Seconds for `python -c "pass"` and `python -c "import wmtp"`, interleaved; and an error."""
-    bare: list[float] = []
-    with_wmtp: list[float] = []
-    for _ in range(runs):
-        bare.append(interpreter_seconds("pass"))
-        try:
-            with_wmtp.append(interpreter_seconds("import wmtp"))
-        except subprocess.CalledProcessError as e:
-            return bare, [], f"`python -c 'import wmtp'` failed with exit {e.returncode}"
-    return bare, with_wmtp, ""
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b when both are known and b is positive."""
+    return a / b if a is not None and b else None
+
+
+def target(model: str, name: str, value: float | None, goal: float, limit: float) -> Target:
+    """A `Target` with its verdict: met, missed within the limit, past it, or not measured.
+
+    A limit below the goal makes it an at-least target (the value must be >= goal).
+    """
+    at_least = limit < goal
+    sign = -1.0 if at_least else 1.0
+    status: Status = "not measured"
+    if value is not None:
+        met, within = sign * value <= sign * goal, sign * value <= sign * limit
+        status = "pass" if met else "missed" if within else "FAIL"
+    return Target(model, name, value, goal, limit, at_least, status)
+
+
+def failed(targets: Iterable[Target]) -> list[str]:
+    """Why the targets fail the run: past their limit, or not measured."""
+    return [
+        f"{t.model}: {t.name}: {t.status} ({fmt(t.value)}, limit {fmt(t.limit)})"
+        for t in targets
+        if t.status in ("FAIL", "not measured")
+    ]
+
+
+def fmt(value: object, digits: int = 3) -> str:
+    """`value` to `digits` significant digits, or a dash."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return "-"
+    return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[object]], left: int = 2) -> str:
+    """A Markdown table; floats formatted with `fmt`, the first `left` columns left-aligned."""
+    cells = [[str(c) if isinstance(c, str) else fmt(c) for c in r] for r in rows]
+    align = ["---" if i < left else "---:" for i in range(len(header))]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [list(header), align, *cells])
+
+
+def targets_table(targets: Sequence[Target]) -> str:
+    """The targets with measured values and verdicts."""
+    header = ["model", "target", "measured", "goal", "fails past", "verdict"]
+    goal = {True: ">=", False: "<="}
+    rows = [
+        (t.model, t.name, t.value, f"{goal[t.at_least]} {fmt(t.goal)}", t.limit, t.status)
+        for t in targets
+    ]
+    return table(header, rows)
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    """Write `path` through a temporary file, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return tmp.replace(path)
+
+
+def write_json(path: Path, record: object) -> Path:
+    """`record` (msgspec-encodable) as indented JSON."""
+    return write(path, msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")

@@ -1,46 +1,50 @@
-"""Lines and source lines of `wmtp/`, next to the old loader's.
+"""Lines of wmtp's loading core, found by import: `python -m benchmarks.lines [--check]`.
 
-A source line holds at least one token of code: blank lines, comment-only lines and the lines
-of docstrings (the string literal opening a module, class or function) do not count.
+The core is what loading and resolving use: a fresh interpreter imports wmtp, loads
+`examples/tiny-mtp`, resolves `baseline-mtp` over it, and every `wmtp` module then in
+`sys.modules` counts, except the tools built on the loader (save, check, migrate, the CLI).
+Lines are physical lines, docstrings and comments included; source lines are those holding
+a token of code other than a docstring. `--check` exits 1 when the core passes 973 lines.
 """
 
 from __future__ import annotations
 
 import ast
 import io
+import json
+import subprocess
+import sys
 import tokenize
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Final
 
 import msgspec
 
-NOT_CODE: Final = frozenset(
-    {
-        tokenize.COMMENT,
-        tokenize.NL,
-        tokenize.NEWLINE,
-        tokenize.INDENT,
-        tokenize.DEDENT,
-        tokenize.ENCODING,
-        tokenize.ENDMARKER,
-    }
-)
-# The loading core as issue 4 names it (metadata, fetch, remap, instantiate, dispatch,
-# resolve); the tools built on it (save, check, migrate) and the CLI are counted apart.
-CORE_EXCLUDED: Final = frozenset({"cli.py", "__main__.py", "save.py", "check.py", "migrate.py"})
-CORE_TARGET: Final = 350
+from benchmarks.harness import REPO, child_env, table
+
+CORE_LIMIT: Final = 973
+CORE_AIM: Final = 800
+TOOLS: Final = frozenset({"wmtp.save", "wmtp.check", "wmtp.migrate", "wmtp.cli", "wmtp.__main__"})
+PROBE: Final = """
+import json, sys, wmtp
+wmtp.load("examples/tiny-mtp")
+wmtp.resolve("baseline-mtp", ["examples/tiny-mtp"])
+print(json.dumps([n for n in sys.modules if n == "wmtp" or n.startswith("wmtp.")]))
+"""
+# Tokens of no code: a line with only these (or a docstring) is no source line.
+NOT_CODE: Final = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.ENCODING}
+NOT_CODE.update({tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER})
 
 
 class LineCount(msgspec.Struct, frozen=True):
-    """Physical lines and source lines of one file."""
+    """Physical lines and source lines of one module (or a total)."""
 
     module: str
     lines: int
     source_lines: int
 
 
-# Facts from the public repository wooshikwon/wmtp at commit 12fff5d, as given in issue 4.
+# The old loader, from the public repository wooshikwon/wmtp at commit 12fff5d (issue 4).
 OLD_LOADER: Final = (
     LineCount("src/components/loader/standardized_model_loader.py", 529, 267),
     LineCount("src/utils/path_resolver.py", 155, 42),
@@ -49,74 +53,79 @@ OLD_LOADER: Final = (
 )
 
 
-def docstring_lines(tree: ast.AST) -> set[int]:
-    """Line numbers covered by the docstrings of the module, its classes and functions."""
-    lines: set[int] = set()
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            continue
-        first = node.body[0] if node.body else None
-        if (
-            isinstance(first, ast.Expr)
-            and isinstance(first.value, ast.Constant)
-            and isinstance(first.value.value, str)
-        ):
-            lines.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
-    return lines
-
-
 def source_lines(text: str) -> int:
-    """How many lines of `text` (Python source) hold code other than docstrings."""
+    """How many lines of `text` hold code other than docstrings."""
     code: set[int] = set()
     for token in tokenize.generate_tokens(io.StringIO(text).readline):
         if token.type not in NOT_CODE:
             code.update(range(token.start[0], token.end[0] + 1))
-    return len(code - docstring_lines(ast.parse(text)))
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and ast.get_docstring(node, clean=False) is not None:
+                code -= set(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+    return len(code)
 
 
-def count_file(path: Path, root: Path) -> LineCount:
-    """The line counts of one file, named relative to `root`."""
+def count(module: str) -> LineCount:
+    """The counts of a `wmtp` module, from its file in the repository."""
+    path = REPO.joinpath(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
     text = path.read_text()
-    return LineCount(str(path.relative_to(root)), len(text.splitlines()), source_lines(text))
+    return LineCount(module, len(text.splitlines()), source_lines(text))
 
 
-def count_package(package: Path) -> list[LineCount]:
-    """The line counts of every module of `package`, recursively, sorted by name."""
-    return [count_file(p, package.parent) for p in sorted(package.rglob("*.py"))]
-
-
-def total(name: str, counts: Sequence[LineCount]) -> LineCount:
-    """The sum of `counts` under `name`."""
-    return LineCount(name, sum(c.lines for c in counts), sum(c.source_lines for c in counts))
-
-
-def is_core(count: LineCount) -> bool:
-    """Whether a module belongs to the loading core (the tools and the CLI do not)."""
-    return Path(count.module).name not in CORE_EXCLUDED
-
-
-def markdown(counts: Sequence[LineCount]) -> str:
-    """A Markdown table of `counts` with the core and overall totals, then the old loader's."""
-    core = total(
-        f"**loading core** (all but save, check, migrate and the CLI; aim <= {CORE_TARGET})",
-        [c for c in counts if is_core(c)],
+def imported() -> list[str]:
+    """The `wmtp` modules a fresh interpreter imports to load and resolve a model."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=REPO, env=child_env(), capture_output=True, text=True
     )
+    if done.returncode:
+        raise RuntimeError(f"the import probe failed: {done.stderr.strip()[-2000:]}")
+    names: list[str] = json.loads(done.stdout.splitlines()[-1])
+    return sorted(names)
+
+
+def counts() -> tuple[list[LineCount], list[LineCount]]:
+    """The core modules' counts and the other `wmtp` modules' counts."""
+    core = [n for n in imported() if n not in TOOLS]
+    files = sorted((REPO / "wmtp").rglob("*.py"))
+    every = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in files]
+    every = [n.removesuffix(".__init__") for n in every]
+    return [count(n) for n in core], [count(n) for n in every if n not in core]
+
+
+def total(name: str, rows: Sequence[LineCount]) -> LineCount:
+    """The sum of `rows` under `name`."""
+    return LineCount(name, sum(r.lines for r in rows), sum(r.source_lines for r in rows))
+
+
+def markdown(core: Sequence[LineCount], others: Sequence[LineCount]) -> str:
+    """The core modules and their total against the limit, the other modules, the old loader."""
     rows = [
-        *counts,
-        core,
-        total("**wmtp/ total**", counts),
+        *core,
+        total(f"**loading core** (limit {CORE_LIMIT}, aim ~{CORE_AIM})", core),
+        *others,
+        total("**other wmtp modules** (tools and CLI)", others),
         *OLD_LOADER,
-        total("**old loader total**", OLD_LOADER),
+        total("**old loader**", OLD_LOADER),
     ]
-    out = ["| module | lines | source lines |", "| --- | ---: | ---: |"]
-    out += [f"| {c.module} | {c.lines:,} | {c.source_lines:,} |" for c in rows]
-    return "\n".join(out)
+    return table(
+        ["module", "lines", "source lines"],
+        [(r.module, f"{r.lines:,}", f"{r.source_lines:,}") for r in rows],
+        left=1,
+    )
 
 
-def main() -> None:
-    """Print the table for the repository's `wmtp/`."""
-    print(markdown(count_package(Path(__file__).resolve().parent.parent / "wmtp")))
+def main(argv: Sequence[str]) -> int:
+    """Print the table; with `--check`, 1 when the core is over the limit."""
+    core, others = counts()
+    print(markdown(core, others))
+    lines = total("core", core).lines
+    if lines > CORE_LIMIT:
+        print(f"loading core: {lines} lines > {CORE_LIMIT}", file=sys.stderr)
+    return int(lines > CORE_LIMIT and "--check" in argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main(sys.argv[1:]))

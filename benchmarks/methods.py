@@ -1,113 +1,187 @@
-"""What a benchmark child process does: the loading methods, touching and checking weights.
+"""The measured methods (`METHODS`: name -> plain function) and the processes that time them.
 
-Torch, transformers and wmtp are imported inside the functions, so that a floor child
-(standard library only) and the `import wmtp` measurement stay free of them.
+`python -m benchmarks.methods serve` imports the libraries once, then forks a fresh child per
+JSON `Job` line of stdin; the child times the method and the touch (or forward pass), reads its
+peak memory, checks every tensor against the files, and the server prints its `Sample` line.
+Forking a server that only imported gives every sample the same start without ~8 s of imports
+each. `python -m benchmarks.methods JOB` runs one job in this fresh process (end-to-end rows).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib
 import importlib.util
 import json
 import mmap
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from benchmarks.layout import weight_files
+import msgspec
 
 if TYPE_CHECKING:
     import torch
 
 PAGE: Final = 4096
 READ_CHUNK: Final = 1 << 30  # one read(2) returns at most ~2 GiB on Linux; stay below
+PREAD_THREADS: Final = 8
+PREAD_CHUNK: Final = 16 << 20
+Mode = Literal["warm", "cold", "forward", "e2e"]
+# The pread floor's buffers, made by the server: a forked child starts with its own copy of
+# them (`copy_heap`), so the floor times reading, not first-touching 128 MiB of buffers.
+PREAD_BUFFERS: Final[list[bytearray]] = []
 
 
-class WmtpUnavailableError(RuntimeError):
-    """`wmtp.load` cannot be called (not written yet, or `import wmtp` fails)."""
+class Job(msgspec.Struct, frozen=True):
+    """One measurement: a method on a model folder; cold evicts the files from the page cache."""
+
+    method: str
+    folder: str
+    mode: Mode = "warm"
 
 
-def model_type(folder: Path) -> str:
-    """The transformers `model_type` of the model in `folder`."""
-    kind: str = json.loads((folder / "config.json").read_text())["model_type"]
-    return kind
+class Sample(msgspec.Struct, frozen=True):
+    """What one child measured. Seconds; resident memory in MiB."""
+
+    load_s: float = 0.0  # the method until it returns
+    after_s: float = 0.0  # then touching every weight, or the first forward pass
+    rss_start_mib: float = 0.0  # RSS when the clock started (libraries imported)
+    rss_peak_mib: float = 0.0  # peak RSS at the end of the measured part
+    wall_end: float = 0.0  # time.time() at the end, for the end-to-end rows
+    resident: float | None = None  # share of the weight pages still cached after eviction
+    problems: list[str] = []  # wrong weights, or the error that stopped the method
 
 
-def import_libraries(folder: Path) -> None:
-    """Import what every loading method needs first: torch, transformers, the model's modeling.
-
-    This is library import, the same cost for every method (~1.6 s for torch plus transformers
-    and ~2 s more for a transformers 5 modeling module here), so it is kept out of the timings.
-    """
-    import safetensors.torch  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
-    kind = model_type(folder)
-    importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of `folder`: the shards its index lists, else `model.safetensors`."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return [folder / "model.safetensors"]
 
 
-def import_wmtp() -> Any:
-    """The `wmtp` package, or a clear error if `wmtp.load` does not exist yet."""
-    try:
-        import wmtp
-    except Exception as e:
-        raise WmtpUnavailableError(f"wmtp.load not available: `import wmtp` failed: {e!r}") from e
-    if not callable(getattr(wmtp, "load", None)):
-        raise WmtpUnavailableError("wmtp.load not available: the wmtp package has no `load` yet")
-    return wmtp
-
-
-def floor_read(folder: Path) -> int:
-    """Read the weight files into one preallocated buffer; the bytes read."""
+def floor_read(folder: Path) -> None:
+    """Floor: read the weight files into one preallocated buffer, one thread."""
     files = weight_files(folder)
-    buffer = bytearray(sum(path.stat().st_size for path in files))
-    view = memoryview(buffer)
+    view = memoryview(bytearray(sum(p.stat().st_size for p in files)))
     done = 0
     for path in files:
         with path.open("rb", buffering=0) as f:
             while n := f.readinto(view[done : done + READ_CHUNK]):
                 done += n
-    view.release()
-    return done
 
 
-def floor_mmap(folder: Path) -> int:
-    """Map the weight files and touch one byte per page; the number of pages touched."""
-    pages = 0
+def floor_mmap(folder: Path) -> None:
+    """Floor: map the weight files and read one byte per page."""
     for path in weight_files(folder):
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            # A strided copy reads one byte per page in C, which faults every page in.
-            pages += len(view[::PAGE].tobytes())
-            view.release()
-    return pages
+        with (
+            path.open("rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+            memoryview(mapped) as view,
+        ):
+            view[::PAGE].tobytes()  # a strided copy in C faults every page in
 
 
-def load_custom_class(folder: Path, class_name: str) -> Any:
-    """The class `class_name` of `folder/modeling.py`, imported as the old loader did."""
-    spec = importlib.util.spec_from_file_location("custom_modeling", folder / "modeling.py")
-    assert spec is not None and spec.loader is not None  # a .py file always has a loader
+def floor_pread(folder: Path) -> None:
+    """Floor: 8 threads of `preadv` in 16 MiB chunks, each into its own reused buffer."""
+    fds = [os.open(path, os.O_RDONLY) for path in weight_files(folder)]
+    try:
+        chunks = [(fd, at) for fd in fds for at in range(0, os.fstat(fd).st_size, PREAD_CHUNK)]
+
+        buffers = PREAD_BUFFERS or [bytearray(PREAD_CHUNK) for _ in range(PREAD_THREADS)]
+
+        def worker(first: int) -> int:
+            buffer, done = buffers[first], 0
+            for fd, at in chunks[first::PREAD_THREADS]:
+                done += os.preadv(fd, [buffer], at)
+            return done
+
+        with ThreadPoolExecutor(PREAD_THREADS) as pool:
+            done = sum(pool.map(worker, range(PREAD_THREADS)))
+        assert done == sum(os.fstat(fd).st_size for fd in fds), "short read"
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def wmtp_load(folder: Path, dtype: str | None = None) -> torch.nn.Module:
+    """`wmtp.load` on the folder."""
+    import wmtp
+
+    return wmtp.load(str(folder), dtype=dtype)
+
+
+def build(folder: Path) -> torch.nn.Module:
+    """The folder's model class built from its config, as a user would write it."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    strategy = json.loads((folder / "metadata.json").read_text())["loading_strategy"]
+    if strategy["loader_type"] == "huggingface":
+        model: torch.nn.Module = transformers.AutoModelForCausalLM.from_config(cfg)  # type: ignore[no-untyped-call]
+        return model
+    spec = importlib.util.spec_from_file_location("bench_modeling", folder / "modeling.py")
+    assert spec is not None and spec.loader is not None  # a .py file has a loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return getattr(module, class_name)
+    built: torch.nn.Module = getattr(module, strategy["model_class_name"])(cfg)
+    return built
 
 
-def old_load(folder: Path) -> torch.nn.Module:
-    """The replaced loader's method: random-init model, `load_file`, copying `load_state_dict`."""
-    import transformers
+def load_files(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder with `safetensors.torch.load_file`, file by file."""
     from safetensors.torch import load_file
 
-    config = transformers.AutoConfig.from_pretrained(folder)
-    strategy = json.loads((folder / "metadata.json").read_text())["loading_strategy"]
-    model: torch.nn.Module
-    if strategy["loader_type"] == "huggingface":
-        model = getattr(transformers, strategy["transformers_class"]).from_config(config)
-    else:
-        model = load_custom_class(folder, strategy["model_class_name"])(config)
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder):  # the old loader read only model.safetensors; shards too
+    for path in weight_files(folder):
         state.update(load_file(path))
-    model.load_state_dict(state, strict=False)
+    return state
+
+
+def stream_files(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder with the Run:ai Model Streamer."""
+    streamer = importlib.import_module("runai_model_streamer")
+    with streamer.SafetensorsStreamer() as s:
+        s.stream_files([str(p) for p in weight_files(folder)])
+        state: dict[str, torch.Tensor] = dict(s.get_tensors())
+    return state
+
+
+def old_method(folder: Path) -> torch.nn.Module:
+    """The replaced loader: random-init model, `load_file`, copying `load_state_dict`."""
+    model = build(folder)
+    model.load_state_dict(load_files(folder), strict=False)
+    return model
+
+
+def idiom(
+    folder: Path, read: Callable[[Path], dict[str, torch.Tensor]] = load_files
+) -> torch.nn.Module:
+    """What a user writes instead of wmtp: build on meta, load the files, assign, re-tie.
+
+    The file stores a tied matrix once, so `strict=False` and the LM head and the embedding are
+    pointed back at the one matrix, whichever side the file kept.
+    """
+    import torch
+
+    with torch.device("meta"):
+        model = build(folder)
+    model.load_state_dict(read(folder), strict=False, assign=True)
+    trunk: Any = model if hasattr(model, "get_output_embeddings") else model.base_model
+    head, embedding = trunk.get_output_embeddings(), trunk.get_input_embeddings()
+    if head.weight.is_meta:
+        head.weight = embedding.weight
+    else:
+        embedding.weight = head.weight
     return model
 
 
@@ -119,34 +193,89 @@ def hf_load(folder: Path) -> torch.nn.Module:
     return model
 
 
-def wmtp_load(folder: Path, dtype: str | None) -> torch.nn.Module:
-    """`wmtp.load` on the folder."""
-    model: torch.nn.Module = import_wmtp().load(str(folder), dtype=dtype)
-    return model
+# Floors return None: no model to touch or check.
+METHODS: Final[dict[str, Callable[[Path], torch.nn.Module | None]]] = {
+    "read": floor_read,
+    "mmap": floor_mmap,
+    "pread8": floor_pread,
+    "wmtp": wmtp_load,
+    "wmtp-bf16": lambda folder: wmtp_load(folder, "bfloat16"),
+    "idiom": idiom,
+    "runai": lambda folder: idiom(folder, stream_files),
+    "old": old_method,
+    "hf": hf_load,
+}
 
 
-def unique_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The model's state tensors, each tied tensor once."""
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out = []
+def import_libraries() -> None:
+    """What every method may use, imported before the clock (the same cost for all)."""
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+
+    for optional in ("wmtp", "runai_model_streamer"):
+        # A wmtp that does not import fails its own jobs with its error, not the server.
+        with contextlib.suppress(Exception):
+            importlib.import_module(optional)
+
+
+def status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def reset_peak() -> float:
+    """Reset the peak RSS (VmHWM) to the current RSS where Linux allows; the RSS to count from."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return status_mib("VmHWM")  # peak since exec: count from it
+    return status_mib("VmRSS")
+
+
+def resident_share(paths: list[Path]) -> float:
+    """The share of the files' pages in the page cache (`mincore` on a map of each)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    total = cached = 0
+    for path in paths:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            pages = -(-len(mapped) // PAGE)
+            vector = (ctypes.c_ubyte * pages)()
+            anchor = ctypes.c_char.from_buffer(mapped)  # the map's address; no page is faulted
+            failed = libc.mincore(ctypes.addressof(anchor), len(mapped), vector)
+            del anchor  # the map cannot close while exported
+            if failed:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+            total, cached = total + pages, cached + pages - bytes(vector).count(0)
+    return cached / max(total, 1)
+
+
+def evict(folder: Path) -> float:
+    """Drop the folder's files from the page cache; the share of weight pages still cached."""
+    for path in filter(Path.is_file, folder.iterdir()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages (a model just written) cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return resident_share(weight_files(folder))
+
+
+def touch(model: torch.nn.Module) -> None:
+    """Read one element per 4 KiB page of every weight, so mapped weights are resident."""
+    seen: set[int] = set()
     for tensor in model.state_dict().values():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            out.append(tensor)
-    return out
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            float(tensor.reshape(-1)[:: max(1, PAGE // tensor.element_size())].float().sum())
 
 
-def touch(model: torch.nn.Module) -> float:
-    """Read one element per 4 KiB page of every weight, so lazily mapped weights are resident."""
-    total = 0.0
-    for tensor in unique_tensors(model):
-        step = max(1, PAGE // tensor.element_size())
-        total += float(tensor.detach().reshape(-1)[::step].float().sum())
-    return total
-
-
-def forward_once(model: torch.nn.Module) -> None:
+def forward(model: torch.nn.Module) -> None:
     """One forward pass on 16 tokens, without gradients."""
     import torch
 
@@ -154,8 +283,12 @@ def forward_once(model: torch.nn.Module) -> None:
         model(input_ids=torch.arange(16).unsqueeze(0))
 
 
-def stored_tensors(folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """Checkpoint key -> file holding it, and tied name -> stored name from the headers."""
+def verify(model: torch.nn.Module, folder: Path, dtype: str | None) -> list[str]:
+    """Every tensor of the model against the files (torch.equal); what is wrong.
+
+    A name the files do not hold must share memory with one they do (a tied matrix).
+    """
+    import torch
     from safetensors import safe_open
 
     where: dict[str, Path] = {}
@@ -163,37 +296,95 @@ def stored_tensors(folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
     for path in weight_files(folder):
         with safe_open(str(path), "pt") as f:
             where.update(dict.fromkeys(f.keys(), path))
-            meta: dict[str, str] = f.metadata() or {}
-            aliases.update({k: v for k, v in meta.items() if k != "format"})
-    return where, aliases
-
-
-def verify(model: torch.nn.Module, folder: Path, dtype: str | None) -> list[str]:
-    """Problems with the model's weights against the files: every tensor of the model is compared.
-
-    A model key absent from the checkpoint passes only if it is tied to a stored one (the
-    same memory), as `lm_head.weight` is to the embedding in a Hugging Face checkpoint.
-    """
-    import torch
-    from safetensors import safe_open
-
-    where, aliases = stored_tensors(folder)
-    want = getattr(torch, dtype) if dtype else None
+            aliases.update({k: v for k, v in (f.metadata() or {}).items() if k != "format"})
     state = model.state_dict()
-    pointer_owner = {t.data_ptr(): k for k, t in state.items() if k in where}
-    problems: list[str] = []
+    stored_pointers = {t.data_ptr() for k, t in state.items() if k in where}
+    problems = []
     for key, tensor in state.items():
-        stored = key if key in where else aliases.get(key)
-        if stored is None:
-            if tensor.data_ptr() not in pointer_owner:
-                problems.append(f"{key}: not in the checkpoint and not tied to a stored tensor")
+        name = key if key in where else aliases.get(key)
+        if name is None:
+            if tensor.data_ptr() not in stored_pointers:
+                problems.append(f"{key}: not in the files and not tied to a stored tensor")
             continue
-        with safe_open(str(where[stored]), "pt") as f:
-            expected = f.get_tensor(stored)
-        if want is not None:
-            expected = expected.to(want)
+        with safe_open(str(where[name]), "pt") as f:
+            expected = f.get_tensor(name)
+        expected = expected.to(getattr(torch, dtype)) if dtype else expected
         if tensor.device.type != "cpu" or tensor.dtype != expected.dtype:
             problems.append(f"{key}: {tensor.dtype} on {tensor.device}, want {expected.dtype}")
         elif not torch.equal(tensor, expected):
-            problems.append(f"{key}: values differ from the checkpoint's {stored}")
-    return problems
+            problems.append(f"{key}: differs from the file's {name}")
+    return problems[:5]
+
+
+def measure(job: Job) -> Sample:
+    """Time the job's method, then touch (or run forward), then check the weights."""
+    folder = Path(job.folder)
+    resident = evict(folder) if job.mode == "cold" else None
+    start_rss = reset_peak()
+    t0 = time.perf_counter()
+    model = METHODS[job.method](folder)
+    t1 = time.perf_counter()
+    if model is not None:
+        (forward if job.mode == "forward" else touch)(model)
+    t2 = time.perf_counter()
+    wall_end, peak = time.time(), status_mib("VmHWM")  # before the check, which reads again
+    dtype = "bfloat16" if job.method.endswith("bf16") else None
+    problems = [] if model is None else verify(model, folder, dtype)
+    return Sample(t1 - t0, t2 - t1, start_rss, peak, wall_end, resident, problems)
+
+
+def run(job: Job) -> bytes:
+    """The job's `Sample` as a JSON line; a failure becomes a sample that says what went wrong."""
+    try:
+        sample = measure(job)
+    except Exception as e:
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        sample = Sample(problems=[f"{e!r} at {where.filename}:{where.lineno}"])
+    return msgspec.json.encode(sample) + b"\n"
+
+
+def copy_heap() -> None:
+    """Give this forked child its own copy of every writable page before any clock starts.
+
+    Else the first write to each page shared with the server (Python writes reference counts
+    everywhere) copies it inside the measurement. MADV_POPULATE_WRITE (Linux 5.14) copies
+    without changing a byte; where the kernel lacks it, the call fails and nothing changes.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, perms = line.split()[:2]
+        if perms[1] == "w" and perms[3] == "p":
+            low, high = (int(x, 16) for x in span.split("-"))
+            libc.madvise(low, high - low, 23)  # MADV_POPULATE_WRITE
+
+
+def serve() -> None:
+    """Import the libraries, then run each job line of stdin in a forked child."""
+    import_libraries()
+    PREAD_BUFFERS.extend(bytearray(PREAD_CHUNK) for _ in range(PREAD_THREADS))
+    gc.freeze()  # a collection in a child would otherwise touch, and copy, the whole heap
+    for line in sys.stdin.buffer:
+        job = msgspec.json.decode(line, type=Job)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            copy_heap()
+            with os.fdopen(write_end, "wb") as out:
+                out.write(run(job))
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as result:
+            data = result.read()
+        _, status = os.waitpid(pid, 0)
+        lost = msgspec.json.encode(Sample(problems=[f"child died: wait status {status}"]))
+        sys.stdout.buffer.write(data or lost + b"\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["serve"]:
+        serve()
+    else:
+        sys.stdout.buffer.write(run(msgspec.json.decode(sys.argv[1], type=Job)))
