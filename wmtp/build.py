@@ -1,10 +1,7 @@
-"""Build a model empty, then give it the checkpoint's tensors: `remap_state_dict` renames
-the checkpoint's keys (pure), `compare` checks keys and shapes strictly, `assign` fills it.
-
-Parameters are created on the meta device (no memory, no random init) while buffers are
-computed for real, so non-persistent ones such as rotary `inv_freq` hold true values;
-`torch.device("meta")` would make buffers meta too, hence the patch of `register_parameter`.
-"""
+"""Build a model empty, then fill it: `remap_state_dict` renames the checkpoint's keys,
+`compare` checks keys and shapes strictly, `assign` gives the tensors. Parameters are built on
+the meta device while buffers are computed for real (rotary `inv_freq` keeps true values),
+which `torch.device("meta")` cannot do: hence the patch of `register_parameter`."""
 
 from __future__ import annotations
 

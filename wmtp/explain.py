@@ -6,6 +6,7 @@ checkpoint's keys and kept only when every key then fits.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING, Any, Final, get_args
 import msgspec
 
 from wmtp.build import Groups, Mismatch, Shape, compare, remap_state_dict
-from wmtp.errors import MetadataError, WeightsError
+from wmtp.errors import MetadataError, NoCompatibleModelError, WeightsError
 from wmtp.load import ModelClass
 from wmtp.metadata import CustomMTP, LoaderType, StateDictMapping, WmtpType
 from wmtp.store import join
+from wmtp.weights import Header
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -106,6 +108,43 @@ def missing_class(
         raise MetadataError(problem)
     fix = f"; set model_class_name to {defined[0]!r}"
     return ModelClass(defined[0], getattr(module, defined[0]), (problem + fix,))
+
+
+def not_auto_class(location: str, name: str) -> MetadataError:
+    """The error for a `transformers_class` that is not an Auto model class, listing them."""
+    return MetadataError(
+        f"{join(location, 'metadata.json')}: `$.loading_strategy.transformers_class` {name!r} "
+        f"is not a transformers Auto model class; use one of: {', '.join(auto_names())}"
+    )
+
+
+def stored_twice(location: str, headers: Mapping[str, Header]) -> WeightsError:
+    """The error for a tensor that two checkpoint files hold (the last read would win)."""
+    seen: dict[str, str] = {}
+    for name, header in headers.items():
+        for key in header.tensors:
+            if key in seen:
+                return WeightsError(
+                    f"tensor {key!r} is stored twice: in {join(location, seen[key])} and in "
+                    f"{join(location, name)}"
+                )
+            seen[key] = name
+    raise AssertionError("no tensor is stored twice")
+
+
+def no_candidate(
+    found: Mapping[str, tuple[str | None, tuple[str, ...]]], algo: str, role: str | None
+) -> NoCompatibleModelError:
+    """The error for an algorithm no candidate serves: each one's reason, and a close name
+    when `algo` looks like a typo of one they serve."""
+    known = sorted({a for _, served in found.values() for a in served})
+    close = difflib.get_close_matches(algo, known, n=1)
+    lines = [f"  {path}: {reason}" for path, (reason, _) in found.items()]
+    return NoCompatibleModelError(
+        f"no candidate serves {algo!r}{f' as {role}' if role else ''}:\n"
+        + "\n".join(lines or ["  (no candidates given)"])
+        + (f"\ndid you mean {close[0]!r}?" if close else "")
+    )
 
 
 def mapping_fix(

@@ -1,8 +1,6 @@
 """`load(location)`: the data flow on one screen, and `LOADERS`, the table it dispatches on.
-
 metadata.json -> fetch -> headers -> LOADERS[loader_type] finds the class -> build empty
-    -> remap_state_dict -> strict compare -> map the files and assign -> eval()
-"""
+    -> remap_state_dict -> strict compare -> map the files and assign -> eval()"""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ import msgspec
 
 from wmtp import build
 from wmtp.build import Groups, Mismatch, compare, remap_state_dict
-from wmtp.errors import MetadataError, UntrustedCodeError, WeightsError
+from wmtp.errors import MetadataError, UntrustedCodeError
 from wmtp.fetch import fetch
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, read_metadata
 from wmtp.store import StorageOptions, join, local_root
@@ -63,12 +61,9 @@ def auto_class(location: str, strategy: HuggingFace, files: Mapping[str, Path]) 
     if name.startswith("AutoModel") and hasattr(transformers, name):
         auto = getattr(transformers, name)
         return ModelClass(name, lambda config: auto.from_config(config, trust_remote_code=False))
-    from wmtp.explain import auto_names
+    from wmtp.explain import not_auto_class
 
-    raise MetadataError(
-        f"{join(location, 'metadata.json')}: `$.loading_strategy.transformers_class` {name!r} "
-        f"is not a transformers Auto model class; use one of: {', '.join(auto_names())}"
-    )
+    raise not_auto_class(location, name)
 
 
 LOADERS: Final[Mapping[LoaderType, Callable[[str, Any, Mapping[str, Path]], ModelClass]]] = {
@@ -87,13 +82,11 @@ def plan(
     config = build.read_config(files["config.json"])
     found = LOADERS[strategy.loader_type](location, strategy, files)
     model = build.build_empty(found.build, config, f"{files['config.json']} ({found.name})")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for header in headers.values():
-        for key, info in header.tensors.items():
-            if key in shapes:  # in two shards, the second would silently win
-                where = [join(location, n) for n, h in headers.items() if key in h.tensors]
-                raise WeightsError(f"tensor {key!r} is stored twice: in {' and in '.join(where)}")
-            shapes[key] = info.shape
+    shapes = {key: t.shape for h in headers.values() for key, t in h.tensors.items()}
+    if len(shapes) < sum(len(h.tensors) for h in headers.values()):  # the last would win
+        from wmtp.explain import stored_twice
+
+        raise stored_twice(location, headers)
     expected, groups = build.state_shapes(model)
     mapping = strategy.state_dict_mapping
     if found.problems or compare(expected, groups, remap_state_dict(shapes, mapping)) != Mismatch():

@@ -1,8 +1,6 @@
 """The `metadata.json` schema (storage version 2.0): frozen msgspec Structs, one decoder.
-
 `loading_strategy` is a tagged union on `loader_type`: the decoder itself enforces each
-loader's fields, the path rules and the key mapping, and every error carries its JSON path.
-"""
+loader's fields, the path rules and the key mapping, and every error has its JSON path."""
 
 import re
 from typing import Annotated, ClassVar, Final, Literal

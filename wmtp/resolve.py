@@ -1,11 +1,10 @@
 """`resolve(algo, paths)`: pick the model that serves a training algorithm, by metadata alone."""
 
-import difflib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import get_args
 
-from wmtp.errors import MetadataError, NoCompatibleModelError, WmtpError
+from wmtp.errors import MetadataError, WmtpError
 from wmtp.metadata import WmtpType, read_metadata
 from wmtp.store import StorageOptions
 
@@ -38,14 +37,9 @@ def choose(
     """The first path whose reason (from `reasons`) is None, or the error listing them all."""
     if chosen := next((path for path, (reason, _) in found.items() if reason is None), None):
         return chosen
-    known = sorted({a for _, served in found.values() for a in served})
-    close = difflib.get_close_matches(algo, known, n=1)
-    lines = [f"  {path}: {reason}" for path, (reason, _) in found.items()]
-    raise NoCompatibleModelError(
-        f"no candidate serves {algo!r}{f' as {role}' if role else ''}:\n"
-        + "\n".join(lines or ["  (no candidates given)"])
-        + (f"\ndid you mean {close[0]!r}?" if close else "")
-    )
+    from wmtp.explain import no_candidate
+
+    raise no_candidate(found, algo, role)
 
 
 def reasons(

@@ -1,9 +1,6 @@
-"""Locations and the obstore stores behind them: configured once, errors translated once.
-
-A location is a folder, a `file://` URL or any URL obstore's `from_url` takes (`s3://`,
-`gs://`, `az://`, `https://`). Settings come from obstore's environment variables
-(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) and from `storage_options`, which win.
-"""
+"""Locations (a folder, `file://` or any URL obstore's `from_url` takes: `s3://`, `gs://`,
+`az://`, `https://`) and their stores, configured once from obstore's environment variables
+and `storage_options` (which win), with obstore's errors translated once."""
 
 import os
 from collections.abc import Iterator, Mapping

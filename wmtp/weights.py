@@ -1,9 +1,7 @@
 """Checkpoint tensors: safetensors headers judged alone, then the data mapped, never copied.
-
-safetensors' own loader copies every tensor. This reader maps each file privately (nothing
-read until used, writes never reach the file) and releases each tensor's pages as it is
-cast, so a cast never holds the checkpoint twice.
-"""
+safetensors' own loader copies every tensor; this reader maps each file privately (writes
+never reach the file) and releases each tensor's pages as it is cast, so a cast never holds
+the checkpoint twice."""
 
 from __future__ import annotations
 
@@ -79,13 +77,9 @@ def read_header(
 
     store, url = open_store(location, options), join(location, name)
     with translate(url):
-        length = int.from_bytes(
-            bytes(obstore.get_range(store, name, start=0, end=min(8, size))), "little"
-        )
-        if size < 8 or not 2 <= length <= min(100 * 2**20, size - 8):  # safetensors' limit
-            raise MetadataError(
-                f"{url}: not a safetensors file (header length {length}, size {size})"
-            )
+        prefix = bytes(obstore.get_range(store, name, start=0, end=min(8, size)))
+        if not 2 <= (length := int.from_bytes(prefix, "little")) <= min(100 << 20, size - 8):
+            raise MetadataError(f"{url}: not a safetensors file ({size} bytes, header {length})")
         raw = bytes(obstore.get_range(store, name, start=8, end=8 + length))
     # The format's reader judges the header against the file size; a sparse stand-in with
     # the same header and size lets it judge a remote file without its weights.
