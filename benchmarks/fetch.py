@@ -1,7 +1,7 @@
 """S3 fetch throughput against boto3: `python -m benchmarks.fetch [--size-mib N] [--check]`.
 
 A JuiceFS S3 gateway on 127.0.0.1 (`tests.s3server`) serves a random object. Each round
-times `wmtp.fetch.fetch` (without and with a manifest entry, which hashes on the way), the old
+times `wmtp.store.fetch` (without and with a manifest entry, which hashes on the way), the old
 loader's boto3 `download_file` and a local copy (the ceiling), the order rotating; every
 download is checked outside the timing. Target: wmtp >= 1.3x boto3; `--check` exits 1 under
 1.3 / 1.2. Writes `results/fetch.json`.
@@ -36,8 +36,8 @@ from benchmarks import harness
 from benchmarks.harness import MIB
 from tests.s3server import REGION, S3Server, make_store, start_gateway, stop_gateway
 from tests.s3server import storage_options as options_of
-from wmtp.fetch import fetch
 from wmtp.metadata import FileEntry
+from wmtp.store import fetch
 
 NAME: Final = "blob.bin"
 PREFIX: Final = "bench"

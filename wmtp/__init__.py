@@ -6,12 +6,11 @@ from wmtp.errors import (  # noqa: I001
     FetchError, IntegrityError, MetadataError, ModelFileError, NoCompatibleModelError,
     StoreAccessError, UntrustedCodeError, WeightsError, WmtpError,
 )  # fmt: skip
-from wmtp.fetch import cache_root
 from wmtp.build import remap_state_dict
-from wmtp.load import LOADERS, load
+from wmtp.store import cache_root
+from wmtp.load import LOADERS, load, resolve
 from wmtp.metadata import LoadingStrategy, Metadata, StateDictMapping, decode_metadata
 from wmtp.metadata import read_metadata
-from wmtp.resolve import resolve
 from wmtp.save import save
 
 __all__ = [

@@ -13,10 +13,9 @@ from typing import Any
 import msgspec
 
 from wmtp.errors import IntegrityError, WmtpError
-from wmtp.fetch import check_size, fetch, heads, require
 from wmtp.load import plan, trusted
 from wmtp.metadata import SAFETENSORS, FileEntry, Metadata, read_metadata
-from wmtp.store import StorageOptions
+from wmtp.store import StorageOptions, check_size, fetch, heads, require
 from wmtp.weights import checkpoint_names, read_header
 
 

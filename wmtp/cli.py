@@ -118,7 +118,7 @@ def _resolve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> Result:
-    from wmtp.resolve import choose, reasons
+    from wmtp.load import choose, reasons
 
     options = _storage_options(args)
     found = reasons(args.algo, args.locations, role=args.role, storage_options=options)

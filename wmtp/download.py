@@ -26,9 +26,8 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from wmtp.errors import FetchError
-from wmtp.fetch import PARALLEL, cache_root, check_hash
 from wmtp.metadata import FileEntry
-from wmtp.store import StorageOptions, join, open_store, translate
+from wmtp.store import PARALLEL, StorageOptions, cache_root, check_hash, join, open_store, translate
 
 PART_SIZE: Final = 16 * 2**20
 HOST: Final = socket.gethostname()

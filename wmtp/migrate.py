@@ -22,7 +22,6 @@ import obstore
 from wmtp.check import plan_from_headers
 from wmtp.errors import MetadataError, ModelFileError, WeightsError
 from wmtp.explain import auto_class_for
-from wmtp.fetch import fetch
 from wmtp.metadata import (
     INDEX,
     CustomMTP,
@@ -33,7 +32,7 @@ from wmtp.metadata import (
     WmtpType,
 )
 from wmtp.save import encode_metadata, file_manifest
-from wmtp.store import StorageOptions, join, local_root, open_store, read_file, translate
+from wmtp.store import StorageOptions, fetch, join, local_root, open_store, read_file, translate
 from wmtp.weights import checkpoint_names
 
 # Descriptive fields an old metadata.json may already carry: every schema field but those

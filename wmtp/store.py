@@ -1,22 +1,32 @@
 """Locations (a folder, `file://` or any URL obstore's `from_url` takes: `s3://`, `gs://`,
 `az://`, `https://`) and their stores, configured once from obstore's environment variables
-and `storage_options` (which win), with obstore's errors translated once."""
+and `storage_options` (which win), with obstore's errors translated once; and `fetch`, the
+local paths of a model's files, checked against the manifest (`wmtp.download` fills the cache
+for remote ones)."""
 
+from __future__ import annotations
+
+import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlparse
 
 import obstore
 from obstore import exceptions as obx
 from obstore.store import LocalStore, ObjectStore, from_url
 
-from wmtp.errors import FetchError, ModelFileError, StoreAccessError
+from wmtp.errors import FetchError, IntegrityError, ModelFileError, StoreAccessError
+
+if TYPE_CHECKING:
+    from wmtp.metadata import FileEntry
 
 StorageOptions = Mapping[str, str]
+PARALLEL: Final = 8
 # obstore's HTTP client settings go to `client_options`, not to the store's config, where
 # obstore panics on them.
 CLIENT_KEYS: Final = frozenset(
@@ -76,6 +86,96 @@ def read_file(location: str, name: str, storage_options: StorageOptions | None =
     store = open_store(location, storage_options)
     with translate(join(location, name)):
         return bytes(obstore.get(store, name).bytes())
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where downloads go: `cache_dir`, else `$WMTP_CACHE_DIR`, else `$XDG_CACHE_HOME/wmtp`,
+    else `~/.cache/wmtp`. Deleting it is always safe between loads."""
+    if cache_dir is not None or (cache_dir := os.environ.get("WMTP_CACHE_DIR")):
+        return Path(cache_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wmtp"
+
+
+def heads(
+    location: str, names: Sequence[str], options: StorageOptions | None = None
+) -> dict[str, Any]:
+    """Each file's object metadata (`size`, `e_tag`, ...), by HEADs at once; None if missing."""
+    store = open_store(location, options)
+
+    def head(name: str) -> Any:
+        try:
+            with translate(join(location, name)):
+                return obstore.head(store, name)
+        except ModelFileError:
+            return None
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        return dict(zip(names, pool.map(head, names), strict=True))
+
+
+def require(location: str, found: dict[str, Any]) -> dict[str, Any]:
+    """`found` (from `heads`), or `ModelFileError` naming every missing file at once."""
+    if missing := [name for name, meta in found.items() if meta is None]:
+        raise ModelFileError(
+            f"required file(s) {', '.join(map(repr, missing))} not found at {location}; "
+            "add them there, or remove them from loading_strategy.required_files"
+        )
+    return found
+
+
+def fetch(
+    location: str,
+    files: Sequence[str],
+    *,
+    storage_options: StorageOptions | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+    manifest: Mapping[str, FileEntry] | None = None,
+    verify: bool = False,
+) -> dict[str, Path]:
+    """Local paths of `files` (names in the folder or URL `location`), downloading remote ones
+    first; options as for `wmtp.load`, with the `manifest` to check sizes (always) and hashes
+    (of downloads, and of local or cached copies with `verify`) against.
+
+    Raises `ModelFileError` naming every missing file, `IntegrityError`, `StoreAccessError`
+    or `FetchError` (after bounded retries, or when a file changed mid-download).
+    """
+    manifest = manifest or {}
+    found = require(location, heads(location, files, storage_options))
+    for name, meta in found.items():
+        check_size(location, name, manifest, int(meta["size"]))
+    if (root := local_root(location)) is None:
+        from wmtp.download import cached
+
+        return cached(location, found, manifest, storage_options, cache_dir, progress, verify)
+    with ThreadPoolExecutor(PARALLEL) as pool:  # hashing releases the GIL
+        list(
+            pool.map(lambda n: check_hash(location, n, manifest, root / n), files if verify else [])
+        )
+    return {name: root / name for name in files}
+
+
+def check_size(location: str, name: str, manifest: Mapping[str, FileEntry], size: int) -> None:
+    """Raise `IntegrityError` when the manifest lists `name` with another size."""
+    if (entry := manifest.get(name)) is not None and size != entry.size:
+        raise IntegrityError(
+            f"{join(location, name)} has {size} bytes, but metadata.json's manifest "
+            f"(`$.files[{name!r}].size`) says {entry.size}; the file or the manifest is stale"
+        )
+
+
+def check_hash(location: str, name: str, manifest: Mapping[str, FileEntry], path: Path) -> None:
+    """Raise `IntegrityError` when the manifest lists `name` with another SHA-256 than `path`'s."""
+    if (entry := manifest.get(name)) is None:
+        return
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != entry.sha256:
+        raise IntegrityError(
+            f"{join(location, name)} has sha256 {digest}, but metadata.json's manifest "
+            f"(`$.files[{name!r}].sha256`) says {entry.sha256}; the file is corrupt or the "
+            "manifest is stale (nothing was cached)"
+        )
 
 
 @contextmanager
