@@ -109,10 +109,8 @@ def build_empty(cls: Callable[[Any], torch.nn.Module], config: Any, what: str) -
 
     with _LOCK:
         torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign,assignment]
-        for name, fill in fills.items():
-            setattr(
-                torch.Tensor, name, lambda t, *a, f=fill, **k: t if t.is_meta else f(t, *a, **k)
-            )
+        for n, f in fills.items():
+            setattr(torch.Tensor, n, lambda t, *a, f=f, **k: t if t.is_meta else f(t, *a, **k))
         try:
             return cls(config)
         except Exception as e:
@@ -155,14 +153,6 @@ def import_module_file(path: Path) -> ModuleType:
         del sys.modules[name]
         raise MetadataError(f"{path}: importing the model's module failed: {e!r}") from e
     return module
-
-
-def state_shapes(model: torch.nn.Module) -> tuple[dict[str, Shape], Groups]:
-    """The model's checkpoint keys with shapes, and its groups of tied names."""
-    state, tied = model.state_dict(keep_vars=True), dict[int, list[str]]()
-    for key, tensor in state.items():
-        tied.setdefault(id(tensor), []).append(key)
-    return {k: tuple(t.shape) for k, t in state.items()}, [tuple(g) for g in tied.values()]
 
 
 def assign(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], groups: Groups) -> None:

@@ -88,7 +88,13 @@ def plan(
         from wmtp.explain import stored_twice
 
         raise stored_twice(location, headers)
-    expected, groups = build.state_shapes(model)
+    state, tied = model.state_dict(keep_vars=True), dict[int, list[str]]()
+    for key, tensor in state.items():  # tied weights: one tensor under several names
+        tied.setdefault(id(tensor), []).append(key)
+    expected, groups = (
+        {k: tuple(t.shape) for k, t in state.items()},
+        list(map(tuple, tied.values())),
+    )
     mapping = strategy.state_dict_mapping
     if found.problems or compare(expected, groups, remap_state_dict(shapes, mapping)) != Mismatch():
         from wmtp.explain import refusal
@@ -152,11 +158,9 @@ def load(
         timings: a dict to fill with seconds per phase: fetch, map, build, assign.
 
     Raises:
-        ModelFileError: the folder, its metadata.json or a required file is missing.
-        MetadataError: invalid metadata, a class that is missing or fails to build, a
-            corrupt safetensors file, a bad dtype.
-        WeightsError: the checkpoint's keys or shapes do not fit the model.
-        UntrustedCodeError, IntegrityError, StoreAccessError, FetchError: see their docs.
+        MetadataError: invalid metadata, a class that is missing or fails to build, a corrupt
+            safetensors file, a bad dtype; WeightsError: keys or shapes that do not fit;
+            ModelFileError, UntrustedCodeError, IntegrityError, StoreAccessError, FetchError.
 
     Example:
         >>> type(wmtp.load("examples/tiny-mtp", dtype="bf16")).__name__

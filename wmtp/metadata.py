@@ -53,14 +53,10 @@ class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
         if "config.json" not in self.required_files:
             raise ValueError("`required_files` must list config.json")
         if not any(f.endswith((SAFETENSORS, INDEX)) for f in self.required_files):
-            pickles = [f for f in self.required_files if f.endswith((".bin", ".pt", ".pth"))]
-            why = (
-                f" ({', '.join(pickles)} is a pickle, which wmtp does not load)" if pickles else ""
-            )
-            raise ValueError(
-                f"`required_files` lists no safetensors checkpoint{why}; save the weights as "
-                "model.safetensors and list it"
-            )
+            pickles = ", ".join(f for f in self.required_files if f.endswith((".bin", ".pt")))
+            why = f" ({pickles} is a pickle, which wmtp does not load)" if pickles else ""
+            raise ValueError(f"`required_files` lists no safetensors checkpoint{why}; save the "
+                             "weights as model.safetensors and list it")  # fmt: skip
 
 
 class CustomMTP(Strategy, frozen=True, kw_only=True, tag="custom_mtp"):

@@ -148,10 +148,9 @@ def fetch(
         from wmtp.download import cached
 
         return cached(location, found, manifest, storage_options, cache_dir, progress, verify)
-    with ThreadPoolExecutor(PARALLEL) as pool:  # hashing releases the GIL
-        list(
-            pool.map(lambda n: check_hash(location, n, manifest, root / n), files if verify else [])
-        )
+    if verify:
+        with ThreadPoolExecutor(PARALLEL) as pool:  # hashing releases the GIL
+            list(pool.map(lambda n: check_hash(location, n, manifest, root / n), files))
     return {name: root / name for name in files}
 
 
