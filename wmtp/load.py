@@ -178,7 +178,7 @@ def load(
     prefetch([files[n] for n in names])
     marks.append(time.perf_counter())
     local = {n: (str(files[n].parent), files[n].name, files[n].stat().st_size) for n in names}
-    headers = {n: read_header(*local[n]) for n in names}
+    headers = {n: read_header(*local[n], None) for n in names}
     marks.append(time.perf_counter())
     model, groups = plan(location, meta, files, headers)
     marks.append(time.perf_counter())

@@ -56,13 +56,10 @@ def join(location: str, name: str) -> str:
 
 
 def open_store(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
-    """The obstore store rooted at `location`: `ModelFileError` for a missing folder,
-    `FetchError` when obstore refuses the URL or an option.
-
-    `storage_options` holds obstore's store and client settings (`endpoint`, `region`,
-    `allow_http`, `timeout`, ...), and `max_retries` (default 5) and `retry_timeout`
-    (seconds, default 60) for retries with exponential backoff.
-    """
+    """The obstore store rooted at `location`, from obstore's store and client settings
+    (`endpoint`, `region`, `allow_http`, `timeout`...) and `max_retries` (default 5) and
+    `retry_timeout` (s, default 60); `ModelFileError` for a missing folder, `FetchError` when
+    obstore refuses the URL or an option."""
     if (root := local_root(location)) is not None:
         if not root.is_dir():
             raise ModelFileError(f"model folder {str(root)!r} does not exist or is not a folder")
@@ -96,9 +93,7 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wmtp"
 
 
-def heads(
-    location: str, names: Sequence[str], options: StorageOptions | None = None
-) -> dict[str, Any]:
+def heads(location: str, names: Sequence[str], options: StorageOptions | None) -> dict[str, Any]:
     """Each file's object metadata (`size`, `e_tag`, ...), by HEADs at once; None if missing."""
     store = open_store(location, options)
 
@@ -134,12 +129,9 @@ def fetch(
     verify: bool = False,
 ) -> dict[str, Path]:
     """Local paths of `files` (names in the folder or URL `location`), downloading remote ones
-    first; options as for `wmtp.load`, with the `manifest` to check sizes (always) and hashes
-    (of downloads, and of local or cached copies with `verify`) against.
-
-    Raises `ModelFileError` naming every missing file, `IntegrityError`, `StoreAccessError`
-    or `FetchError` (after bounded retries, or when a file changed mid-download).
-    """
+    first; options as for `wmtp.load`, and the `manifest` to check sizes (always) and hashes
+    (of downloads; of local or cached copies with `verify`) against. Raises `ModelFileError`
+    naming every missing file, `IntegrityError`, `StoreAccessError` or `FetchError`."""
     manifest = manifest or {}
     found = require(location, heads(location, files, storage_options))
     for name, meta in found.items():

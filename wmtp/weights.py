@@ -66,9 +66,7 @@ def checkpoint_names(required: Sequence[str], files: Mapping[str, Path]) -> list
     return [n for n in dict.fromkeys([*required, *shards]) if n.endswith(SAFETENSORS)]
 
 
-def read_header(
-    location: str, name: str, size: int, options: StorageOptions | None = None
-) -> Header:
+def read_header(location: str, name: str, size: int, options: StorageOptions | None) -> Header:
     """The header of a safetensors file of `size` bytes, from two small ranged reads; a
     `MetadataError` naming the file when it is not safetensors, when safetensors' own reader
     refuses it (offsets, sizes, truncation, trailing bytes...) or a dtype has no torch type.
