@@ -91,10 +91,8 @@ def plan(
     state, tied = model.state_dict(keep_vars=True), dict[int, list[str]]()
     for key, tensor in state.items():  # tied weights: one tensor under several names
         tied.setdefault(id(tensor), []).append(key)
-    expected, groups = (
-        {k: tuple(t.shape) for k, t in state.items()},
-        list(map(tuple, tied.values())),
-    )
+    expected = {key: tuple(t.shape) for key, t in state.items()}
+    groups = [tuple(names) for names in tied.values()]
     mapping = strategy.state_dict_mapping
     if found.problems or compare(expected, groups, remap_state_dict(shapes, mapping)) != Mismatch():
         from wmtp.explain import refusal
