@@ -76,15 +76,14 @@ def plan_from_headers(
 ) -> Any:
     """`plan` with the checkpoint's headers read in place (two small ranged reads per file):
     the empty model, or the error `load` would raise. Downloads no weights."""
-    required = meta.loading_strategy.required_files
-    require(location, heads(location, required, options["storage_options"]))  # all at once
+    required, storage = meta.loading_strategy.required_files, options["storage_options"]
+    found = require(location, heads(location, required, storage))  # every missing file at once
     small = [n for n in required if not n.endswith(SAFETENSORS)]
     trusted(location, meta, trust_code)
     files = fetch(location, small, progress=False, **options)
-    names = checkpoint_names(required, files)
-    sizes = require(location, heads(location, names, options["storage_options"]))
-    storage = options["storage_options"]
-    headers = {n: read_header(location, n, int(sizes[n]["size"]), storage) for n in names}
+    names = checkpoint_names(required, files)  # and the shards, HEADed once too
+    found |= require(location, heads(location, [n for n in names if n not in found], storage))
+    headers = {n: read_header(location, n, int(found[n]["size"]), storage) for n in names}
     return plan(location, meta, files, headers)[0]
 
 
@@ -92,17 +91,17 @@ def _manifest_problems(
     location: str, manifest: Mapping[str, FileEntry], verify: bool, options: dict[str, Any]
 ) -> list[str]:
     problems = []
+    found = {} if verify else heads(location, list(manifest), options["storage_options"])
     for name in manifest:
         try:
             if verify:
                 fetch(location, [name], manifest=manifest, verify=True, progress=False, **options)
-            else:
-                found = require(location, heads(location, [name], options["storage_options"]))
+            elif found[name] is not None:  # a missing file is reported once, by the plan
                 check_size(location, name, manifest, int(found[name]["size"]))
         except IntegrityError as e:
             problems.append(str(e))
         except WmtpError:
-            pass  # a missing file is reported once, by the rest of the check
+            pass  # as is any other failure to read it
     return problems
 
 
