@@ -100,7 +100,7 @@ def read_header(location: str, name: str, size: int, options: StorageOptions | N
 def prefetch(paths: Sequence[Path]) -> None:
     """Have the kernel start reading the files now (page cache only): a cold file then arrives
     while the model is built, in large reads, instead of one page fault at a time."""
-    for path in paths:
+    for path in paths if hasattr(os, "posix_fadvise") else ():  # not on macOS or Windows
         with path.open("rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
 
