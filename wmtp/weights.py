@@ -9,6 +9,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ import obstore
 
 from wmtp.errors import MetadataError
 from wmtp.metadata import INDEX, SAFETENSORS, RelPath
-from wmtp.store import StorageOptions, join, open_store, translate
+from wmtp.store import StorageOptions, join, local_root, open_store, translate
 
 if TYPE_CHECKING:
     import torch
@@ -79,14 +80,17 @@ def read_header(location: str, name: str, size: int, options: StorageOptions | N
         if not 2 <= (length := int.from_bytes(prefix, "little")) <= min(100 << 20, size - 8):
             raise MetadataError(f"{url}: not a safetensors file ({size} bytes, header {length})")
         raw = bytes(obstore.get_range(store, name, start=8, end=8 + length))
-    # The format's reader judges the header against the file size; a sparse stand-in with
-    # the same header and size lets it judge a remote file without its weights.
-    with tempfile.NamedTemporaryFile() as stand_in:
-        stand_in.write(length.to_bytes(8, "little") + raw)
-        stand_in.truncate(size)
-        stand_in.flush()
+    # The format's reader judges the header against the file size: a local file itself, a
+    # remote one through a sparse stand-in with the same header and size (no weights read).
+    root = local_root(location)
+    with nullcontext() if root else tempfile.NamedTemporaryFile() as stand_in:
+        if stand_in is not None:
+            stand_in.write(length.to_bytes(8, "little") + raw)
+            stand_in.truncate(size)
+            stand_in.flush()
+        judged = stand_in.name if stand_in is not None else f"{root}/{name}"
         try:
-            with safe_open(stand_in.name, framework="numpy"):
+            with safe_open(judged, framework="numpy"):
                 table = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
             table.pop("__metadata__", None)
             tensors = {k: msgspec.json.decode(v, type=TensorInfo) for k, v in table.items()}
