@@ -47,7 +47,7 @@ import msgspec
 import obstore
 from obstore.store import S3Store
 
-from wmtp.store import CLIENT_KEYS
+from wmtp.remote import CLIENT_KEYS
 
 __all__ = [
     "CLIENT_OPTION_KEYS",

@@ -47,9 +47,9 @@ def test_resolve_explains_every_candidate(tmp_path: Path) -> None:
     assert lines[0] == "no candidate serves 'critic-wmtp' as base_model:"
     assert lines[1] == f"  {real('distilgpt2')}: algorithm_compatibility is ['rho1-wmtp']"
     assert lines[2].startswith(
-        f"  {broken}: invalid metadata: {broken}/metadata.json: not valid JSON"
+        f"  {broken}: MetadataError: {broken}/metadata.json: not valid JSON"
     )
-    assert lines[3].startswith(f"  {empty}: no metadata: {empty}/metadata.json does not exist")
+    assert lines[3].startswith(f"  {empty}: ModelFileError: {empty}/metadata.json does not exist")
     assert lines[4] == (
         f"  {real('tiny-reward-model')}: serves critic-wmtp but wmtp_type is 'reward_model', "
         "not 'base_model'"
@@ -64,13 +64,13 @@ def test_resolve_suggests_close_algorithm() -> None:
 def test_resolve_no_strategy_is_invalid() -> None:
     folder = str(REAL.parent / "wmtp-no-strategy" / "distilgpt2")
     with pytest.raises(
-        wmtp.NoCompatibleModelError, match=r"invalid metadata: .*no `loading_strategy`"
+        wmtp.NoCompatibleModelError, match=r"MetadataError: .*no `loading_strategy`"
     ):
         wmtp.resolve("rho1-wmtp", [folder])
 
 
 def test_resolve_rejects_unknown_role() -> None:
-    with pytest.raises(wmtp.MetadataError, match=r"role 'critic' is not a wmtp_type"):
+    with pytest.raises(wmtp.OptionError, match=r"role 'critic' is not a wmtp_type"):
         wmtp.resolve("critic-wmtp", [real("distilgpt2")], role="critic")  # type: ignore[arg-type]
 
 

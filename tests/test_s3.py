@@ -27,7 +27,7 @@ from tests.s3server import (
     upload_folder,
 )
 from tests.test_load import assert_equals_file, file_tensors
-from wmtp import download as download_module
+from wmtp import remote as download_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ def test_resolve_over_s3_and_local(
             "nothing", [*paths, remote["gpt2_reference"] + "-missing"], storage_options=opts
         )
     assert f"{remote['gpt2_reference']}: algorithm_compatibility is ['rho1-wmtp']" in str(err.value)
-    assert f"{remote['gpt2_reference']}-missing: no metadata:" in str(err.value)
+    assert f"{remote['gpt2_reference']}-missing: ModelFileError:" in str(err.value)
 
 
 def test_wrong_secret_is_a_permission_error(

@@ -17,7 +17,7 @@ from tests import builders
 from tests.conftest import Copy
 from wmtp.check import check, inspect_model
 from wmtp.cli import main
-from wmtp.download import HOST, _locked
+from wmtp.remote import HOST, _locked
 
 F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 # name -> (header, bytes of data after the header)
@@ -133,7 +133,7 @@ def test_replacement_templates_are_checked_when_decoded(template: str) -> None:
 
 @pytest.mark.parametrize("dtype", ["int8", "torch.int64", "bool"])
 def test_a_dtype_that_is_not_floating_point_is_refused(dtype: str, models: dict[str, Path]) -> None:
-    with pytest.raises(wmtp.MetadataError, match=r"unknown dtype .*floating point"):
+    with pytest.raises(wmtp.OptionError, match=r"unknown dtype .*floating point"):
         wmtp.load(str(models["mtp"]), dtype=dtype)
 
 

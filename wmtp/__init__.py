@@ -4,7 +4,7 @@ torch and transformers are imported only when a model is loaded."""
 
 from wmtp.errors import (  # noqa: I001
     FetchError, IntegrityError, MetadataError, ModelFileError, NoCompatibleModelError,
-    StoreAccessError, UntrustedCodeError, WeightsError, WmtpError,
+    OptionError, StoreAccessError, UntrustedCodeError, WeightsError, WmtpError,
 )  # fmt: skip
 from wmtp.build import remap_state_dict
 from wmtp.store import cache_root
@@ -15,7 +15,7 @@ from wmtp.save import save
 
 __all__ = [
     "LOADERS", "FetchError", "IntegrityError", "LoadingStrategy", "Metadata", "MetadataError",
-    "ModelFileError", "NoCompatibleModelError", "StateDictMapping", "StoreAccessError",
-    "UntrustedCodeError", "WeightsError", "WmtpError", "cache_root", "decode_metadata", "load",
-    "read_metadata", "remap_state_dict", "resolve", "save",
+    "ModelFileError", "NoCompatibleModelError", "OptionError", "StateDictMapping",
+    "StoreAccessError", "UntrustedCodeError", "WeightsError", "WmtpError", "cache_root",
+    "decode_metadata", "load", "read_metadata", "remap_state_dict", "resolve", "save",
 ]  # fmt: skip

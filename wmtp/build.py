@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import re
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +18,7 @@ import msgspec
 
 from wmtp.errors import MetadataError, WeightsError
 from wmtp.metadata import StateDictMapping
+from wmtp.store import read_local
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 V = TypeVar("V")
 Shape = tuple[int, ...]
+Sig = tuple[Shape, str]  # a tensor's shape and torch dtype name ("float32")
 Groups = Sequence[tuple[str, ...]]  # the names under which a model holds one (tied) tensor
 
 
@@ -34,7 +35,7 @@ class Mismatch(msgspec.Struct, frozen=True):
 
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
-    misshapen: tuple[tuple[str, Shape, Shape], ...] = ()  # key, checkpoint shape, model shape
+    misshapen: tuple[tuple[str, Sig, Sig], ...] = ()  # key, checkpoint's, model's (shape, dtype)
 
 
 def remap_state_dict(state_dict: Mapping[str, V], mapping: StateDictMapping) -> dict[str, V]:
@@ -72,8 +73,17 @@ def remap_key(key: str, mapping: StateDictMapping) -> str | None:
     """The model's name for checkpoint key `key` (see `remap_state_dict`); None drops it."""
     if mapping.remove_prefix and key.startswith(mapping.remove_prefix):
         key = key[len(mapping.remove_prefix) :]
+    import regex  # `re` would hold the GIL forever on a pattern like ([\w.]+)+Z from a bucket
+
     for pattern, replacement in mapping.key_transforms.items():
-        if match := re.fullmatch(pattern, key):
+        try:
+            match = regex.fullmatch(pattern, key, timeout=1.0)  # a real key takes microseconds
+        except TimeoutError:
+            raise MetadataError(
+                f"`$.loading_strategy.state_dict_mapping.key_transforms` {pattern!r} ran over "
+                f"1 s on key {key!r}; rewrite it without nested repeats such as (a+)+"
+            ) from None
+        if match:
             if replacement is None:
                 return None
             key = match.expand(replacement)
@@ -81,9 +91,9 @@ def remap_key(key: str, mapping: StateDictMapping) -> str | None:
     return (mapping.add_prefix or "") + key
 
 
-def compare(expected: Mapping[str, Shape], groups: Groups, found: Mapping[str, Shape]) -> Mismatch:
-    """How checkpoint `found` misses a model's `expected` keys; one name of a tied group
-    is enough."""
+def compare(expected: Mapping[str, Sig], groups: Groups, found: Mapping[str, Sig]) -> Mismatch:
+    """How checkpoint `found` misses a model's `expected` keys, shapes and dtypes; one name of
+    a tied group is enough."""
     missing = [g[0] for g in groups if not any(name in found for name in g)]
     unexpected = [k for k in found if k not in expected]
     misshapen = [(k, s, expected[k]) for k, s in found.items() if expected.get(k, s) != s]
@@ -126,7 +136,7 @@ def read_config(path: Path) -> PretrainedConfig:
     from transformers import CONFIG_MAPPING
 
     try:
-        data = msgspec.json.decode(path.read_bytes(), type=dict[str, Any])
+        data = msgspec.json.decode(read_local(path), type=dict[str, Any])
     except msgspec.MsgspecError as e:
         raise MetadataError(f"{path}: not a JSON object: {e}") from None
     if str(kind := data.get("model_type")) not in CONFIG_MAPPING:
@@ -141,7 +151,7 @@ def read_config(path: Path) -> PretrainedConfig:
 def import_module_file(path: Path) -> ModuleType:
     """Import `path` under a name unique to its content (model files that differ never share
     code; one file is imported once); a failure is a `MetadataError` (the cause chained)."""
-    name = f"wmtp_custom_{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+    name = f"wmtp_custom_{hashlib.sha256(read_local(path)).hexdigest()[:16]}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

@@ -121,8 +121,8 @@ def _resolve(args: argparse.Namespace) -> Result:
     from wmtp.load import choose, reasons
 
     options = _storage_options(args)
-    found = reasons(args.algo, args.locations, role=args.role, storage_options=options)
-    chosen = choose(found, args.algo, args.role)
+    found = dict(reasons(args.algo, args.locations, role=args.role, storage_options=options))
+    chosen = choose(found.items(), args.algo, args.role)
     later = "also serves it, but comes later in the order"
     passed_over = {path: why or later for path, (why, _) in found.items() if path != chosen}
     return {"algo": args.algo, "location": chosen, "passed_over": passed_over}, False

@@ -12,6 +12,10 @@ class MetadataError(WmtpError, ValueError):
     """metadata.json, or a file it names, says something that cannot be loaded."""
 
 
+class OptionError(WmtpError, ValueError):
+    """An argument or option (dtype, device, a storage option) has no valid value."""
+
+
 class ModelFileError(WmtpError, FileNotFoundError):
     """A file the metadata needs is not at the model's location."""
 
@@ -30,7 +34,8 @@ class NoCompatibleModelError(WmtpError, LookupError):
 
 
 class FetchError(WmtpError, ConnectionError):
-    """A remote store could not be reached or stopped answering; retries were spent."""
+    """A store could not be read (unreachable, stopped answering, an I/O error) or the cache
+    written; retries were spent."""
 
 
 class StoreAccessError(WmtpError, PermissionError):

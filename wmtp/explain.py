@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, get_args
 
 import msgspec
 
-from wmtp.build import Groups, Mismatch, Shape, compare, remap_state_dict
+from wmtp.build import Groups, Mismatch, Sig, compare, remap_state_dict
 from wmtp.errors import MetadataError, NoCompatibleModelError, WeightsError
 from wmtp.load import ModelClass
 from wmtp.metadata import CustomMTP, LoaderType, StateDictMapping, WmtpType
@@ -74,9 +74,9 @@ def refusal(
     problems: Sequence[str],
     model: Any,
     config: Any,
-    found: Mapping[str, Shape],
+    found: Mapping[str, Sig],
     mapping: StateDictMapping,
-    expected: Mapping[str, Shape],
+    expected: Mapping[str, Sig],
     groups: Groups,
 ) -> Exception:
     """The one error that reports every problem of a load: the class's `problems` and the
@@ -148,9 +148,9 @@ def no_candidate(
 
 
 def mapping_fix(
-    found: Mapping[str, Shape],
+    found: Mapping[str, Sig],
     mapping: StateDictMapping,
-    expected: Mapping[str, Shape],
+    expected: Mapping[str, Sig],
     groups: Groups,
 ) -> tuple[str, StateDictMapping] | None:
     """The first simple change to `mapping` under which the checkpoint fits exactly, as a
@@ -242,5 +242,11 @@ def describe(m: Mismatch, model: str, hints: Sequence[str]) -> str:
     ):
         more = f" … and {len(keys) - 8} more" if len(keys) > 8 else ""
         lines += [f"  {len(keys)} {label}: {', '.join(map(repr, keys[:8]))}{more}"] if keys else []
-    lines += [f"  shape of {k!r}: checkpoint {list(a)}, model {list(b)}" for k, a, b in m.misshapen]
+    for k, (shape, dtype), (want, kind) in m.misshapen:
+        if shape != want:
+            lines.append(f"  shape of {k!r}: checkpoint {list(shape)}, model {list(want)}")
+        if dtype != kind:
+            lines.append(f"  dtype of {k!r}: checkpoint {dtype}, model {kind}")
+    if any(a[1] != b[1] and "float" in a[1] for _, a, b in m.misshapen):
+        hints = [*hints, "pass dtype= (e.g. dtype='bf16') to cast every floating tensor to one"]
     return "\n".join([*lines, *(f"hint: {h}" for h in hints)])

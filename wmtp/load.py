@@ -8,7 +8,8 @@ from __future__ import annotations
 import operator
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, get_args
@@ -17,18 +18,18 @@ import msgspec
 
 from wmtp import build
 from wmtp.build import Groups, Mismatch, compare, remap_state_dict
-from wmtp.errors import MetadataError, UntrustedCodeError, WmtpError
+from wmtp.errors import OptionError, UntrustedCodeError, WmtpError
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, WmtpType, read_metadata
 from wmtp.store import StorageOptions, fetch, join, local_root
-from wmtp.weights import Header, checkpoint_names, prefetch, read_header, read_tensors
+from wmtp.weights import DTYPES, Header, checkpoint_names, prefetch, read_header, read_tensors
 
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-# Names `dtype` takes besides torch's own ("float32", "bfloat16", ...).
-DTYPE_ALIASES: Final = dict(a.split("=") for a in "fp32=float32 float=float32 bf16=bfloat16 "
-    "fp16=float16 half=float16 fp64=float64 double=float64".split())  # fmt: skip
+Judged = tuple[str | None, tuple[str, ...]]  # why a candidate does not serve (None: it does)
+# Names `dtype` takes besides torch's own ("float32", "bfloat16", "half", "double"...).
+DTYPE_ALIASES: Final = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
 class ModelClass(msgspec.Struct, frozen=True):
@@ -67,37 +68,43 @@ def auto_class(location: str, strategy: HuggingFace, files: Mapping[str, Path]) 
     raise not_auto_class(location, name)
 
 
-LOADERS: Final[Mapping[LoaderType, Callable[[str, Any, Mapping[str, Path]], ModelClass]]] = {
-    "custom_mtp": custom_class,
-    "huggingface": auto_class,
-}
+Finder = Callable[[str, Any, Mapping[str, Path]], ModelClass]  # location, strategy, files
+LOADERS: Final[dict[LoaderType, Finder]] = {"custom_mtp": custom_class, "huggingface": auto_class}
 
 
 def plan(
-    location: str, meta: Metadata, files: Mapping[str, Path], headers: Mapping[str, Header]
+    location: str,
+    meta: Metadata,
+    files: Mapping[str, Path],
+    headers: Mapping[str, Header],
+    cast: torch.dtype | None = None,
 ) -> tuple[torch.nn.Module, Groups]:
     """The model built empty and its groups of tied names, once the checkpoint, known from
-    its `headers` alone, fits it exactly (`check` and `migrate` stop here); else the
-    `MetadataError` or `WeightsError` that lists every problem, with fixes."""
+    its `headers` alone, fits it exactly in keys, shapes and dtypes (floating tensors: all
+    one type, or `cast`); else the `MetadataError` or `WeightsError` that lists every problem,
+    with fixes. `check` and `migrate` stop here."""
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
     config = build.read_config(files["config.json"])
-    found = LOADERS[strategy.loader_type](location, strategy, files)
-    model = build.build_empty(found.build, config, f"{files['config.json']} ({found.name})")
-    shapes = {key: t.shape for h in headers.values() for key, t in h.tensors.items()}
-    if len(shapes) < sum(len(h.tensors) for h in headers.values()):  # the last would win
+    cls = LOADERS[strategy.loader_type](location, strategy, files)
+    model = build.build_empty(cls.build, config, f"{files['config.json']} ({cls.name})")
+    found = {k: (t.shape, DTYPES[t.dtype]) for h in headers.values() for k, t in h.tensors.items()}
+    if len(found) < sum(len(h.tensors) for h in headers.values()):  # the last would win
         from wmtp.explain import stored_twice
 
         raise stored_twice(location, headers)
     state, tied = model.state_dict(keep_vars=True), dict[int, list[str]]()
     for key, tensor in state.items():  # tied weights: one tensor under several names
         tied.setdefault(id(tensor), []).append(key)
-    expected = {key: tuple(t.shape) for key, t in state.items()}
-    groups = [tuple(names) for names in tied.values()]
-    mapping = strategy.state_dict_mapping
-    if found.problems or compare(expected, groups, remap_state_dict(shapes, mapping)) != Mismatch():
+    floats = Counter(d for _, d in found.values() if "float" in d)  # the model takes their type
+    one = str(cast)[6:] if cast else max(floats, key=floats.__getitem__, default="float32")
+    found = {k: (s, one if cast and "float" in d else d) for k, (s, d) in found.items()}
+    expected = {k: (tuple(t.shape), one if t.is_floating_point() else str(t.dtype)[6:])
+                for k, t in state.items()}  # fmt: skip
+    groups, mapping = [tuple(names) for names in tied.values()], strategy.state_dict_mapping
+    if cls.problems or compare(expected, groups, remap_state_dict(found, mapping)) != Mismatch():
         from wmtp.explain import refusal
 
-        raise refusal(source, found.problems, model, config, shapes, mapping, expected, groups)
+        raise refusal(source, cls.problems, model, config, found, mapping, expected, groups)
     return model, groups
 
 
@@ -112,7 +119,7 @@ def trusted(location: str, meta: Metadata, trust_code: bool) -> None:
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A floating `torch.dtype` from itself or a name ("bf16", "fp32"...), else `MetadataError`."""
+    """A floating `torch.dtype` from itself or a name ("bf16", "fp32"...), else `OptionError`."""
     if dtype is None:
         return None
     import torch
@@ -121,10 +128,24 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     found = dtype if name is None else getattr(torch, DTYPE_ALIASES.get(name, name), None)
     if isinstance(found, torch.dtype) and found.is_floating_point:
         return found
-    raise MetadataError(
+    raise OptionError(
         f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_ALIASES)}, float32, bfloat16, "
-        "float16, float64 (floating point: integer tensors are never cast)"
+        "float16, float64, half, double (floating point: integer tensors are never cast)"
     )
+
+
+def parse_device(device: torch.device | str | None) -> torch.device | None:
+    """A usable `torch.device` from itself or a name; "auto": cuda, else mps, else cpu."""
+    import torch
+
+    if device == "auto":
+        device = (
+            "cuda" if torch.cuda.is_available() else "mps" if torch.mps.is_available() else "cpu"
+        )
+    try:  # a tensor proves the name and that this machine has the device
+        return None if device is None else torch.empty(0, device=device).device
+    except (RuntimeError, AssertionError) as e:
+        raise OptionError(f"device {device!r} is not usable here: {e}") from None
 
 
 def load(
@@ -166,7 +187,7 @@ def load(
     """
     marks = [time.perf_counter()]  # and the end of each phase: fetch, map, build, assign
     meta = read_metadata(location, storage_options=storage_options)
-    cast, strategy = parse_dtype(dtype), meta.loading_strategy
+    cast, place, strategy = parse_dtype(dtype), parse_device(device), meta.loading_strategy
     trusted(location, meta, trust_code)
     options: dict[str, Any] = {"storage_options": storage_options, "cache_dir": cache_dir}
     options |= {"progress": progress, "manifest": meta.files, "verify": verify}
@@ -175,17 +196,16 @@ def load(
     files |= fetch(location, [n for n in names if n not in files], **options)
     prefetch([files[n] for n in names])
     marks.append(time.perf_counter())
-    local = {n: (str(files[n].parent), files[n].name, files[n].stat().st_size) for n in names}
-    headers = {n: read_header(*local[n], None) for n in names}
+    headers = {n: read_header(files[n], join(location, n)) for n in names}
     marks.append(time.perf_counter())
-    model, groups = plan(location, meta, files, headers)
+    model, groups = plan(location, meta, files, headers, cast)
     marks.append(time.perf_counter())
     tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
     build.assign(model, remap_state_dict(tensors, strategy.state_dict_mapping), groups)
     marks.append(time.perf_counter())
     if timings is not None:
         timings |= zip(("fetch", "map", "build", "assign"), map(operator.sub, marks[1:], marks))  # noqa: B905
-    return model.eval() if device is None else model.eval().to(device)
+    return model.eval() if place is None else model.eval().to(place)
 
 
 def resolve(
@@ -201,7 +221,7 @@ def resolve(
     Raises:
         NoCompatibleModelError: no candidate fits; each one's reason is listed, and a close
             algorithm name when `algo` looks like a typo.
-        MetadataError: `role` is not a known wmtp_type.
+        OptionError: `role` is not a known wmtp_type.
 
     Example:
         >>> resolve("critic-wmtp", ["models/mtp", "models/rm"], role="reward_model")
@@ -210,30 +230,31 @@ def resolve(
     return choose(reasons(algo, paths, role=role, storage_options=storage_options), algo, role)
 
 
-def choose(
-    found: dict[str, tuple[str | None, tuple[str, ...]]], algo: str, role: str | None
-) -> str:
-    """The first path whose reason (from `reasons`) is None, or the error listing them all."""
-    if chosen := next((path for path, (reason, _) in found.items() if reason is None), None):
-        return chosen
+def choose(found: Iterable[tuple[str, Judged]], algo: str, role: str | None) -> str:
+    """The first path whose reason (from `reasons`) is None, without waiting for later ones;
+    else the error listing every reason."""
+    seen: dict[str, Judged] = {}
+    for path, judged in found:
+        if (seen.setdefault(path, judged))[0] is None:
+            return path
     from wmtp.explain import no_candidate
 
-    raise no_candidate(found, algo, role)
+    raise no_candidate(seen, algo, role)
 
 
 def reasons(
     algo: str, paths: Sequence[str], *, role: str | None, storage_options: StorageOptions | None
-) -> dict[str, tuple[str | None, tuple[str, ...]]]:
-    """Each path: why it does not serve `algo` (None: it does), and the algorithms it serves."""
+) -> Iterator[tuple[str, Judged]]:
+    """Each path, in order as soon as it is known: why it does not serve `algo` (None: it
+    does), and the algorithms it serves. All are read at once; a caller stops at its answer."""
     if role is not None and role not in get_args(WmtpType):
-        raise MetadataError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
+        raise OptionError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
 
-    def judge(path: str) -> tuple[str | None, tuple[str, ...]]:
+    def judge(path: str) -> Judged:
         try:
             meta = read_metadata(path, storage_options=storage_options)
-        except WmtpError as e:
-            kind = "no metadata" if isinstance(e, FileNotFoundError) else "invalid metadata"
-            return f"{kind}: {str(e).splitlines()[0]}", ()
+        except WmtpError as e:  # each failure its own reason: missing, invalid, denied...
+            return f"{type(e).__name__}: {str(e).splitlines()[0]}", ()
         served, kind = meta.algorithm_compatibility, meta.wmtp_type
         if algo not in served:
             return f"algorithm_compatibility is {list(served)}", served
@@ -241,5 +262,7 @@ def reasons(
             return f"serves {algo} but wmtp_type is {kind!r}, not {role!r}", served
         return None, served
 
-    with ThreadPoolExecutor(max(1, min(16, len(paths)))) as pool:
-        return dict(zip(paths, pool.map(judge, paths), strict=True))
+    pool = ThreadPoolExecutor(max(1, min(16, len(paths))))
+    futures = [pool.submit(judge, path) for path in paths]
+    pool.shutdown(wait=False)  # the caller stops at its answer; a stalled read times out
+    return ((path, future.result()) for path, future in zip(paths, futures, strict=True))

@@ -50,6 +50,8 @@ class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
     required_files: tuple[RelPath, ...]
 
     def __post_init__(self) -> None:
+        if twice := sorted({f for f in self.required_files if self.required_files.count(f) > 1}):
+            raise ValueError(f"`required_files` lists {', '.join(twice)} more than once")
         if "config.json" not in self.required_files:
             raise ValueError("`required_files` must list config.json")
         if not any(f.endswith((SAFETENSORS, INDEX)) for f in self.required_files):

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
-import obstore
 
 from wmtp.errors import MetadataError
 from wmtp.metadata import INDEX, SAFETENSORS, RelPath
-from wmtp.store import StorageOptions, join, local_root, open_store, translate
+from wmtp.store import read_local
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +56,7 @@ def checkpoint_names(required: Sequence[str], files: Mapping[str, Path]) -> list
     shards: list[str] = []
     for index in (files[n] for n in required if n.endswith(INDEX)):
         try:
-            shards += msgspec.json.decode(index.read_bytes(), type=ShardIndex).weight_map.values()
+            shards += msgspec.json.decode(read_local(index), type=ShardIndex).weight_map.values()
         except msgspec.MsgspecError as e:
             from wmtp.explain import readable
 
@@ -67,35 +64,24 @@ def checkpoint_names(required: Sequence[str], files: Mapping[str, Path]) -> list
     return [n for n in dict.fromkeys([*required, *shards]) if n.endswith(SAFETENSORS)]
 
 
-def read_header(location: str, name: str, size: int, options: StorageOptions | None) -> Header:
-    """The header of a safetensors file of `size` bytes, from two small ranged reads; a
-    `MetadataError` naming the file when it is not safetensors, when safetensors' own reader
-    refuses it (offsets, sizes, truncation, trailing bytes...) or a dtype has no torch type.
-    """
+def read_header(path: Path, url: str | None = None) -> Header:
+    """The header of the safetensors file at `path` (named `url` in errors), judged by the
+    format's own reader: a `MetadataError` when it is not safetensors, when safetensors refuses
+    it (offsets, sizes, truncation, trailing bytes...) or a dtype has no torch type."""
     from safetensors import safe_open
 
-    store, url = open_store(location, options), join(location, name)
-    with translate(url):
-        prefix = bytes(obstore.get_range(store, name, start=0, end=min(8, size)))
-        if not 2 <= (length := int.from_bytes(prefix, "little")) <= min(100 << 20, size - 8):
+    url, size = url or str(path), path.stat().st_size
+    with path.open("rb") as f:
+        if not 2 <= (length := int.from_bytes(f.read(8), "little")) <= min(100 << 20, size - 8):
             raise MetadataError(f"{url}: not a safetensors file ({size} bytes, header {length})")
-        raw = bytes(obstore.get_range(store, name, start=8, end=8 + length))
-    # The format's reader judges the header against the file size: a local file itself, a
-    # remote one through a sparse stand-in with the same header and size (no weights read).
-    root = local_root(location)
-    with nullcontext() if root else tempfile.NamedTemporaryFile() as stand_in:
-        if stand_in is not None:
-            stand_in.write(length.to_bytes(8, "little") + raw)
-            stand_in.truncate(size)
-            stand_in.flush()
-        judged = stand_in.name if stand_in is not None else f"{root}/{name}"
-        try:
-            with safe_open(judged, framework="numpy"):
-                table = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
-            table.pop("__metadata__", None)
-            tensors = {k: msgspec.json.decode(v, type=TensorInfo) for k, v in table.items()}
-        except Exception as e:  # safetensors' own error type, or OSError
-            raise MetadataError(f"{url}: safetensors refuses this file: {e}") from None
+        raw = f.read(length)
+    try:
+        with safe_open(str(path), framework="numpy"):
+            table = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
+        table.pop("__metadata__", None)
+        tensors = {k: msgspec.json.decode(v, type=TensorInfo) for k, v in table.items()}
+    except Exception as e:  # safetensors' own error type, or OSError
+        raise MetadataError(f"{url}: safetensors refuses this file: {e}") from None
     if unknown := sorted({t.dtype for t in tensors.values()} - DTYPES.keys()):
         raise MetadataError(f"{url}: tensor dtype(s) {', '.join(unknown)} have no torch type")
     return Header(tensors, 8 + length, size)
@@ -125,13 +111,9 @@ def read_tensors(
         for key, info in header.tensors.items():
             start, end = (header.start + offset for offset in info.data_offsets)
             kind, page = getattr(torch, DTYPES[info.dtype]), mmap.PAGESIZE
-            count = (end - start) // kind.itemsize
-            tensor = (
-                torch.frombuffer(mapped, dtype=kind, count=count, offset=start)
-                if count
-                else torch.empty(0, dtype=kind)
-            )
-            out[key] = tensor = tensor.view(info.shape)
+            empty, n = torch.empty(0, dtype=kind), (end - start) // kind.itemsize  # frombuffer: n>0
+            flat = torch.frombuffer(mapped, dtype=kind, count=n, offset=start) if n else empty
+            out[key] = tensor = flat.view(info.shape)
             if dtype is not None and tensor.is_floating_point() and kind != dtype:
                 out[key] = tensor.to(dtype)
                 first, last = -(-start // page) * page, end // page * page  # whole pages only

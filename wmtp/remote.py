@@ -1,4 +1,6 @@
-"""The cache of remote files, crash-safe: `<cache>/<location>-<hash>/<version>/<name>`.
+"""Remote locations: their stores, configured once from obstore's environment variables and
+`storage_options` (which win), and the cache of their files, crash-safe:
+`<cache>/<location>-<hash>/<version>/<name>`.
 
 A file is downloaded once per version (its ETag): ranged GETs of `PART_SIZE` on plain threads
 (obstore's sync calls release the GIL), each pinned to the ETag with If-Match, streamed into a
@@ -18,21 +20,63 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlparse
 
 import obstore
 from filelock import FileLock
+from obstore.store import ObjectStore, from_url
 from tqdm import tqdm
 
-from wmtp.errors import FetchError
+from wmtp.errors import FetchError, IntegrityError, OptionError
 from wmtp.metadata import FileEntry
-from wmtp.store import PARALLEL, StorageOptions, cache_root, check_hash, join, open_store, translate
+from wmtp.store import PARALLEL, StorageOptions, cache_root, join, translate
 
+# obstore's HTTP client settings go to `client_options`, not to the store's config, where
+# obstore panics on them.
+CLIENT_KEYS: Final = frozenset(
+    "allow_http allow_invalid_certificates connect_timeout default_content_type "
+    "default_headers http1_only http2_keep_alive_interval http2_keep_alive_timeout "
+    "http2_keep_alive_while_idle http2_only pool_idle_timeout pool_max_idle_per_host "
+    "proxy_ca_certificate proxy_excludes proxy_url randomize_addresses read_timeout "
+    "root_certificate timeout user_agent".split()
+)
+# Model files are large: obstore's 30 s limit on a whole request would cut a slow part. A
+# part is at most 16 MiB, so 300 s allows 56 KB/s; a stalled read fails after 60 s.
+CLIENT_DEFAULTS: Final = {"connect_timeout": "10s", "timeout": "300s", "read_timeout": "60s"}
+ENV_PREFIXES: Final = dict(s3="AWS_", s3a="AWS_", gs="GOOGLE_", az="AZURE_", abfs="AZURE_")
+Manifest = Mapping[str, FileEntry]
 PART_SIZE: Final = 16 * 2**20
 HOST: Final = socket.gethostname()
 # sync_file_range(2) (Linux): start writing a finished part, so the fsync has less to wait for.
 _SYNC_FILE_RANGE: Final = getattr(ctypes.CDLL(None), "sync_file_range", None)
+
+
+def open_remote(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
+    """The obstore store of URL `location`, from obstore's store and client settings
+    (`endpoint`, `region`, `allow_http`, `timeout`...) and `max_retries` (default 5) and
+    `retry_timeout` (s, default 60); `FetchError` when obstore refuses the URL or an option,
+    `OptionError` for a retry option that is not a number."""
+    config: dict[str, Any] = dict(storage_options or {})
+    # obstore reads client settings from the environment only when given no client options.
+    prefix = ENV_PREFIXES.get(urlparse(location).scheme, "")
+    client = {k: v for k in CLIENT_KEYS if (v := os.environ.get(f"{prefix}{k.upper()}"))}
+    client = CLIENT_DEFAULTS | client | {k: config.pop(k) for k in CLIENT_KEYS & config.keys()}
+    client |= {"allow_http": "true"} if location.startswith("http://") else {}  # as asked
+    try:
+        retry: Any = {"max_retries": int(config.pop("max_retries", 5))}  # backoff: obstore's
+        retry["retry_timeout"] = timedelta(seconds=float(config.pop("retry_timeout", 60)))
+    except ValueError as e:
+        raise OptionError(
+            f"storage options max_retries and retry_timeout are numbers: {e}"
+        ) from None
+    with translate(location):
+        store: ObjectStore = from_url(
+            location.rstrip("/"), config=config, client_options=client, retry_config=retry
+        )  # type: ignore[call-overload]
+    return store
 
 
 def cached(
@@ -47,11 +91,16 @@ def cached(
     """Cached copies of the files of `found` (name -> object metadata from HEAD), downloading
     those not cached yet; with `verify`, hashing the cached ones against the manifest."""
     root = cache_root(cache_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FetchError(
+            f"the download cache {str(root)!r} cannot be created ({e.strerror}); pass cache_dir= "
+            "(CLI: --cache-dir) or set WMTP_CACHE_DIR to a writable folder"
+        ) from None
     paths = {n: root / _folder(location, storage_options, m) / n for n, m in found.items()}
     todo = {n: m for n, m in found.items() if not _complete(paths[n], m["size"])}
-    _all(
-        lambda n: check_hash(location, n, manifest, paths[n]), found.keys() - todo if verify else []
-    )
+    check_hashes(location, {n: paths[n] for n in found.keys() - todo if verify}, manifest)
     if not todo:
         return paths
     shown = None if progress is None else not progress  # None: only when stderr is a terminal
@@ -65,7 +114,7 @@ def cached(
         ) as bar,
         ThreadPoolExecutor(PARALLEL) as parts,
     ):
-        get = _getter(open_store(location, storage_options), location, manifest, parts, bar.update)
+        get = _getter(open_remote(location, storage_options), location, manifest, parts, bar.update)
         _all(lambda n: get(n, todo[n], paths[n]), todo)
     return paths
 
@@ -113,6 +162,27 @@ def _getter(
                 tmp.unlink(missing_ok=True)
 
     return get
+
+
+def check_hash(location: str, name: str, manifest: Mapping[str, FileEntry], path: Path) -> None:
+    """Raise `IntegrityError` when the manifest lists `name` with another SHA-256 than `path`'s."""
+    if (entry := manifest.get(name)) is None:
+        return
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != entry.sha256:
+        raise IntegrityError(
+            f"{join(location, name)} has sha256 {digest}, but metadata.json's manifest "
+            f"(`$.files[{name!r}].sha256`) says {entry.sha256}; the file is corrupt or the "
+            "manifest is stale (nothing was cached)"
+        )
+
+
+def check_hashes(
+    location: str, paths: Mapping[str, Path], manifest: Mapping[str, FileEntry]
+) -> None:
+    """`check_hash` of every file in `paths` (name -> local copy), in threads."""
+    _all(lambda n: check_hash(location, n, manifest, paths[n]), paths)
 
 
 def _all(work: Callable[[Any], Any], items: Iterable[Any]) -> None:
