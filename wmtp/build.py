@@ -25,8 +25,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 V = TypeVar("V")
-Shape = tuple[int, ...]
-Sig = tuple[Shape, str]  # a tensor's shape and torch dtype name ("float32")
+Sig = tuple[tuple[int, ...], str]  # a tensor's shape and torch dtype name ("float32")
 Groups = Sequence[tuple[str, ...]]  # the names under which a model holds one (tied) tensor
 
 
@@ -144,7 +143,10 @@ def read_config(path: Path) -> PretrainedConfig:
             f"{path}: `$.model_type` is {kind!r}, which transformers does not know; set it "
             'to the architecture the model builds on (e.g. "gpt2", "llama")'
         )
-    config: PretrainedConfig = CONFIG_MAPPING[str(kind)].from_dict(data)
+    try:
+        config: PretrainedConfig = CONFIG_MAPPING[str(kind)].from_dict(data)
+    except Exception as e:  # transformers' validation errors share no base class
+        raise MetadataError(f"{path}: transformers refuses this {kind} config: {e}") from e
     return config
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, get_args
 import msgspec
 
 from wmtp.build import Groups, Mismatch, Sig, compare, remap_state_dict
-from wmtp.errors import MetadataError, NoCompatibleModelError, WeightsError
+from wmtp.errors import MetadataError, ModelFileError, NoCompatibleModelError, WeightsError
 from wmtp.load import ModelClass
 from wmtp.metadata import CustomMTP, LoaderType, StateDictMapping, WmtpType
 from wmtp.store import join
@@ -61,6 +61,13 @@ def metadata_error(message: str, source: str) -> MetadataError:
             "custom_module_file) for a model defined in the folder's own module."
         )
     return MetadataError(f"{source}: {readable(message)}")
+
+
+def no_metadata(error: ModelFileError) -> ModelFileError:
+    """`error`, and when metadata.json is missing, an example of the file to write."""
+    if not str(error).endswith("metadata.json does not exist"):
+        return error  # the folder is missing, or the file is not a file
+    return ModelFileError(f"{error}: every model folder needs a metadata.json; {EXAMPLE_METADATA}")
 
 
 def readable(message: str) -> str:

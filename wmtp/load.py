@@ -62,7 +62,13 @@ def auto_class(location: str, strategy: HuggingFace, files: Mapping[str, Path]) 
     name = strategy.transformers_class
     if name.startswith("AutoModel") and hasattr(transformers, name):
         auto = getattr(transformers, name)
-        return ModelClass(name, lambda config: auto.from_config(config, trust_remote_code=False))
+
+        def build(config: PretrainedConfig) -> Any:
+            if code := (getattr(config, "auto_map", None) or {}).get(name):  # never run, nor asked
+                raise ValueError(f"`$.auto_map` would run {code!r}: remove it, or use custom_mtp")
+            return auto.from_config(config, trust_remote_code=False)
+
+        return ModelClass(name, build)
     from wmtp.explain import not_auto_class
 
     raise not_auto_class(location, name)

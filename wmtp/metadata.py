@@ -37,10 +37,7 @@ class StateDictMapping(Strict, frozen=True, kw_only=True):
             try:  # sub() checks the replacement against the pattern's groups before matching
                 re.compile(pattern).sub(replacement or "", "")
             except re.error as e:
-                raise ValueError(
-                    f"key_transforms {pattern!r}: {replacement!r} is not a valid regular "
-                    f"expression and replacement: {e}"
-                ) from None
+                raise ValueError(f"key_transforms {pattern!r} -> {replacement!r}: {e}") from None
 
 
 class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
@@ -154,9 +151,7 @@ def read_metadata(location: str, *, storage_options: StorageOptions | None = Non
     try:
         data = read_file(location, "metadata.json", storage_options)
     except ModelFileError as e:
-        from wmtp.explain import EXAMPLE_METADATA
+        from wmtp.explain import no_metadata
 
-        raise ModelFileError(
-            f"{e}: every model folder needs a metadata.json; {EXAMPLE_METADATA}"
-        ) from None
+        raise no_metadata(e) from None
     return decode_metadata(data, source=join(location, "metadata.json"))
