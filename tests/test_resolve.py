@@ -46,9 +46,7 @@ def test_resolve_explains_every_candidate(tmp_path: Path) -> None:
     lines = str(err.value).splitlines()
     assert lines[0] == "no candidate serves 'critic-wmtp' as base_model:"
     assert lines[1] == f"  {real('distilgpt2')}: algorithm_compatibility is ['rho1-wmtp']"
-    assert lines[2].startswith(
-        f"  {broken}: MetadataError: {broken}/metadata.json: not valid JSON"
-    )
+    assert lines[2].startswith(f"  {broken}: MetadataError: {broken}/metadata.json: not valid JSON")
     assert lines[3].startswith(f"  {empty}: ModelFileError: {empty}/metadata.json does not exist")
     assert lines[4] == (
         f"  {real('tiny-reward-model')}: serves critic-wmtp but wmtp_type is 'reward_model', "
