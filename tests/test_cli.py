@@ -41,14 +41,16 @@ def test_problem_exits_1_with_message(capsys: pytest.CaptureFixture[str], tmp_pa
 def test_problem_as_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["resolve", "critic-wmpt", str(REAL / "tiny-reward-model"), "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
-    assert result["error"] == "NoCompatibleModelError"
+    assert result["error"] == "OptionError"
     assert "did you mean 'critic-wmtp'?" in result["message"]
 
 
 def test_resolve_prints_choice(capsys: pytest.CaptureFixture[str]) -> None:
     paths = [str(REAL / "distilgpt2"), str(REAL / "tiny-reward-model")]
-    assert main(["resolve", "critic-wmtp", *paths, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["location"] == paths[1]
+    assert main(["resolve", "critic-wmtp", *paths, "--role", "reward_model", "--json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)["roles"]["reward_model"]
+    assert chosen["location"] == paths[1]
+    assert chosen["passed_over"] == {paths[0]: "algorithm_compatibility is ['rho1-wmtp']"}
 
 
 def test_bad_usage_exits_2() -> None:

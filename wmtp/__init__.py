@@ -2,20 +2,71 @@
 says: `wmtp.load("examples/tiny-mtp")`, `wmtp.resolve("critic-wmtp", ["models/mtp", "models/rm"])`.
 torch and transformers are imported only when a model is loaded."""
 
-from wmtp.errors import (  # noqa: I001
-    FetchError, IntegrityError, MetadataError, ModelFileError, NoCompatibleModelError,
-    OptionError, StoreAccessError, UntrustedCodeError, WeightsError, WmtpError,
-)  # fmt: skip
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from wmtp.build import remap_state_dict
-from wmtp.store import cache_root
+from wmtp.errors import (
+    FetchError,
+    IntegrityError,
+    MetadataError,
+    ModelFileError,
+    NoCompatibleModelError,
+    OptionError,
+    StoreAccessError,
+    UntrustedCodeError,
+    WeightsError,
+    WmtpError,
+)  # fmt: skip
 from wmtp.load import LOADERS, load, resolve
-from wmtp.metadata import LoadingStrategy, Metadata, StateDictMapping, decode_metadata
-from wmtp.metadata import read_metadata
+from wmtp.metadata import (
+    LoadingStrategy,
+    Metadata,
+    StateDictMapping,
+    decode_metadata,
+    read_metadata,
+)
 from wmtp.save import save
+from wmtp.store import cache_root
+
+if TYPE_CHECKING:
+    from wmtp.roles import ALGORITHM_ROLES, load_roles, resolve_roles
+    from wmtp.tokenizer import load_tokenizer
+# What a training run needs besides `load` comes on first use; a plain load never imports it.
+_LATER = dict.fromkeys(("ALGORITHM_ROLES", "load_roles", "resolve_roles"), "roles")
+_LATER["load_tokenizer"] = "tokenizer"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LATER:
+        raise AttributeError(f"module 'wmtp' has no attribute {name!r}")
+    return getattr(import_module(f"wmtp.{_LATER[name]}"), name)
+
 
 __all__ = [
-    "LOADERS", "FetchError", "IntegrityError", "LoadingStrategy", "Metadata", "MetadataError",
-    "ModelFileError", "NoCompatibleModelError", "OptionError", "StateDictMapping",
-    "StoreAccessError", "UntrustedCodeError", "WeightsError", "WmtpError", "cache_root",
-    "decode_metadata", "load", "read_metadata", "remap_state_dict", "resolve", "save",
+    "ALGORITHM_ROLES",
+    "LOADERS",
+    "FetchError",
+    "IntegrityError",
+    "LoadingStrategy",
+    "Metadata",
+    "MetadataError",
+    "ModelFileError",
+    "NoCompatibleModelError",
+    "OptionError",
+    "StateDictMapping",
+    "StoreAccessError",
+    "UntrustedCodeError",
+    "WeightsError",
+    "WmtpError",
+    "cache_root",
+    "decode_metadata",
+    "load",
+    "load_roles",
+    "load_tokenizer",
+    "read_metadata",
+    "remap_state_dict",
+    "resolve",
+    "resolve_roles",
+    "save",
 ]  # fmt: skip

@@ -130,8 +130,9 @@ def build_empty(cls: Callable[[Any], torch.nn.Module], config: Any, what: str) -
                 setattr(torch.Tensor, name, fill)
 
 
-def read_config(path: Path) -> PretrainedConfig:
-    """The transformers config of `config.json`, by its `model_type` (else `MetadataError`)."""
+def read_config(path: Path, overrides: Mapping[str, Any]) -> PretrainedConfig:
+    """The transformers config of `config.json`, by its `model_type`, with `overrides` set
+    (each a setting the config has: a typo is an error); else `MetadataError`."""
     from transformers import CONFIG_MAPPING
 
     try:
@@ -144,9 +145,14 @@ def read_config(path: Path) -> PretrainedConfig:
             'to the architecture the model builds on (e.g. "gpt2", "llama")'
         )
     try:
-        config: PretrainedConfig = CONFIG_MAPPING[str(kind)].from_dict(data)
+        known = {*data, *(cls := CONFIG_MAPPING[str(kind)])().to_dict()}
+        config: PretrainedConfig = cls.from_dict(data | dict(overrides))
     except Exception as e:  # transformers' validation errors share no base class
         raise MetadataError(f"{path}: transformers refuses this {kind} config: {e}") from e
+    if unknown := sorted(overrides.keys() - known):
+        from wmtp.explain import unknown_settings
+
+        raise unknown_settings(path, unknown, known)
     return config
 
 

@@ -16,7 +16,7 @@ import msgspec
 import obstore
 
 from wmtp.errors import IntegrityError, WmtpError
-from wmtp.load import plan, trusted
+from wmtp.load import parse_dtype, plan, trusted
 from wmtp.metadata import SAFETENSORS, FileEntry, Metadata, read_metadata
 from wmtp.store import (
     StorageOptions,
@@ -49,6 +49,8 @@ def check(
     trust_code: bool = False,
     verify_hashes: bool = False,
     cache_dir: str | None = None,
+    dtype: Any = None,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> CheckReport:
     """What `load` would say, without reading a weight byte: every problem it meets.
 
@@ -63,6 +65,7 @@ def check(
         verify_hashes: hash the files against the manifest (reads them; downloads remote
             ones into the cache).
         cache_dir: where remote files go.
+        dtype, config_overrides: as for `wmtp.load` (a cast makes mixed float types fit).
 
     Example:
         >>> check("models/distilgpt2-mtp").problems
@@ -74,7 +77,8 @@ def check(
         meta = read_metadata(location, storage_options=storage_options)
         problems += _manifest_problems(location, meta.files or {}, verify_hashes, options)
         unchecked = msgspec.structs.replace(meta, files=None)  # its problems are listed above
-        model = plan_from_headers(location, unchecked, trust_code, options)
+        cast = parse_dtype(dtype)
+        model = plan_from_headers(location, unchecked, trust_code, options, cast, config_overrides)
     except WmtpError as e:
         problems.extend(e.problems or [str(e)])
     tensors = len(model.state_dict()) if model is not None else 0
@@ -85,7 +89,12 @@ def check(
 
 
 def plan_from_headers(
-    location: str, meta: Metadata, trust_code: bool, options: dict[str, Any]
+    location: str,
+    meta: Metadata,
+    trust_code: bool,
+    options: dict[str, Any],
+    cast: Any = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Any:
     """`plan` with the checkpoint's headers read in place (two small ranged reads per file):
     the empty model, or the error `load` would raise. Downloads no weights."""
@@ -97,7 +106,7 @@ def plan_from_headers(
     names = checkpoint_names(required, files)  # and the shards, HEADed once too
     found |= require(location, heads(location, [n for n in names if n not in found], storage))
     headers = {n: header_at(location, n, int(found[n]["size"]), storage) for n in names}
-    return plan(location, meta, files, headers)[0]
+    return plan(location, meta, files, headers, cast, overrides)[0]
 
 
 def header_at(location: str, name: str, size: int, options: StorageOptions | None) -> Header:

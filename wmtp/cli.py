@@ -61,11 +61,37 @@ def _storage_options(args: argparse.Namespace) -> dict[str, str] | None:
     return {key: value for key, _, value in pairs} or None
 
 
-def _load_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """What `load` and `check` share: where, trust, cast and config overrides."""
     _location(p)
     _trust(p)
     p.add_argument("--dtype", help="cast floating weights, e.g. bf16, fp16, fp32")
-    p.add_argument("--device", help="place the model, e.g. cpu, cuda:0")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="set a config.json setting before the model is built (repeatable), e.g. "
+        "--set output_hidden_states=true",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            raise UsageError(
+                f"--set {item!r} is not KEY=JSON, e.g. n_layer=2 or name='\"x\"'"
+            ) from None
+    return overrides
+
+
+def _load_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--device", help="place the model: cpu, cuda, cuda:1, mps, auto")
     p.add_argument("--verify", action="store_true", help="hash local files against the manifest")
 
 
@@ -84,6 +110,7 @@ def _load(args: argparse.Namespace) -> Result:
         trust_code=args.trust_code,
         cache_dir=args.cache_dir,
         verify=args.verify,
+        config_overrides=_overrides(args),
         timings=timings,
     )
     seconds = time.perf_counter() - start
@@ -113,24 +140,41 @@ def _inspect(args: argparse.Namespace) -> Result:
 def _resolve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("algo", help="training algorithm, e.g. critic-wmtp")
     p.add_argument("locations", nargs="+", help="candidate model folders or URLs, in order")
-    p.add_argument("--role", help="also require this wmtp_type, e.g. reward_model")
+    p.add_argument(
+        "--role",
+        action="append",
+        help="find this wmtp_type (repeatable) instead of the algorithm's roles in "
+        "wmtp.ALGORITHM_ROLES, e.g. reward_model",
+    )
     p.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
 
 def _resolve(args: argparse.Namespace) -> Result:
-    from wmtp.load import choose, reasons
+    from wmtp.load import read_all, why_not
+    from wmtp.roles import resolve_roles
 
     options = _storage_options(args)
-    found = dict(reasons(args.algo, args.locations, role=args.role, storage_options=options))
-    chosen = choose(found.items(), args.algo, args.role)
+    chosen = resolve_roles(args.algo, args.locations, roles=args.role, storage_options=options)
+    found = dict(read_all(args.locations, options))  # each read once more: small files
     later = "also serves it, but comes later in the order"
-    passed_over = {path: why or later for path, (why, _) in found.items() if path != chosen}
-    return {"algo": args.algo, "location": chosen, "passed_over": passed_over}, False
+    return {
+        "algo": args.algo,
+        "roles": {
+            role: {
+                "location": path,
+                "passed_over": {
+                    other: why_not(meta, args.algo, role) or later
+                    for other, meta in found.items()
+                    if other != path
+                },
+            }
+            for role, path in chosen.items()
+        },
+    }, False
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
-    _location(p)
-    _trust(p)
+    _model_args(p)
     p.add_argument("--verify-hashes", action="store_true", help="hash files against the manifest")
 
 
@@ -143,6 +187,8 @@ def _check(args: argparse.Namespace) -> Result:
         trust_code=args.trust_code,
         verify_hashes=args.verify_hashes,
         cache_dir=args.cache_dir,
+        dtype=args.dtype,
+        config_overrides=_overrides(args),
     )
     return _plain(report), bool(report.problems)
 
@@ -195,8 +241,9 @@ COMMANDS: Final[Mapping[str, Command]] = {
         _inspect,
     ),
     "resolve": Command(
-        "pick the first candidate whose metadata serves an algorithm, and say why not the others",
-        "wmtp resolve critic-wmtp ./models/mtp ./models/rm --role reward_model",
+        "pick, for each role an algorithm needs, the first candidate whose metadata serves it, "
+        "and say why not the others",
+        "wmtp resolve critic-wmtp ./models/mtp ./models/rm ./models/ref",
         _resolve_args,
         _resolve,
     ),

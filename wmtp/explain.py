@@ -10,16 +10,23 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, get_args
 
 import msgspec
 
 from wmtp.build import Groups, Mismatch, Sig, compare, remap_state_dict
-from wmtp.errors import MetadataError, ModelFileError, NoCompatibleModelError, WeightsError
-from wmtp.load import ModelClass
-from wmtp.metadata import CustomMTP, LoaderType, StateDictMapping, WmtpType
+from wmtp.errors import (
+    MetadataError,
+    ModelFileError,
+    NoCompatibleModelError,
+    OptionError,
+    WeightsError,
+)
+from wmtp.load import ModelClass, why_not
+from wmtp.metadata import CustomMTP, LoaderType, Metadata, StateDictMapping, WmtpType
 from wmtp.store import join
 from wmtp.weights import Header
 
@@ -68,6 +75,13 @@ def no_metadata(error: ModelFileError) -> ModelFileError:
     if not str(error).endswith("metadata.json does not exist"):
         return error  # the folder is missing, or the file is not a file
     return ModelFileError(f"{error}: every model folder needs a metadata.json; {EXAMPLE_METADATA}")
+
+
+def unknown_settings(path: Path, unknown: Sequence[str], known: Iterable[str]) -> OptionError:
+    """The error for config overrides the config does not have, with the closest names."""
+    close = {k: difflib.get_close_matches(k, list(known), n=3) for k in unknown}
+    hints = [f"{k!r} (closest: {', '.join(c) or 'none'})" for k, c in close.items()]
+    return OptionError(f"{path} has no setting {'; '.join(hints)}: check config_overrides")
 
 
 def readable(message: str) -> str:
@@ -140,13 +154,13 @@ def stored_twice(location: str, headers: Mapping[str, Header]) -> WeightsError:
 
 
 def no_candidate(
-    found: Mapping[str, tuple[str | None, tuple[str, ...]]], algo: str, role: str | None
+    found: Mapping[str, Metadata | str], algo: str, role: str | None
 ) -> NoCompatibleModelError:
     """The error for an algorithm no candidate serves: each one's reason, and a close name
     when `algo` looks like a typo of one they serve."""
-    known = sorted({a for _, served in found.values() for a in served})
-    close = difflib.get_close_matches(algo, known, n=1)
-    lines = [f"  {path}: {reason}" for path, (reason, _) in found.items()]
+    served = [m.algorithm_compatibility for m in found.values() if not isinstance(m, str)]
+    close = difflib.get_close_matches(algo, sorted({a for s in served for a in s}), n=1)
+    lines = [f"  {path}: {why_not(meta, algo, role)}" for path, meta in found.items()]
     return NoCompatibleModelError(
         f"no candidate serves {algo!r}{f' as {role}' if role else ''}:\n"
         + "\n".join(lines or ["  (no candidates given)"])

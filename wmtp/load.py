@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-Judged = tuple[str | None, tuple[str, ...]]  # why a candidate does not serve (None: it does)
+Read = Metadata | str  # a candidate's metadata, or why it could not be read
 # Names `dtype` takes besides torch's own ("float32", "bfloat16", "half", "double"...).
 DTYPE_ALIASES: Final = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
@@ -84,13 +84,14 @@ def plan(
     files: Mapping[str, Path],
     headers: Mapping[str, Header],
     cast: torch.dtype | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, Groups]:
     """The model built empty and its groups of tied names, once the checkpoint, known from
     its `headers` alone, fits it exactly in keys, shapes and dtypes (floating tensors: all
-    one type, or `cast`); else the `MetadataError` or `WeightsError` that lists every problem,
-    with fixes. `check` and `migrate` stop here."""
+    one type, or `cast`), built with config `overrides`; else the `MetadataError` or
+    `WeightsError` that lists every problem, with fixes. `check` and `migrate` stop here."""
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
-    config = build.read_config(files["config.json"])
+    config = build.read_config(files["config.json"], overrides or {})
     cls = LOADERS[strategy.loader_type](location, strategy, files)
     model = build.build_empty(cls.build, config, f"{files['config.json']} ({cls.name})")
     found = {k: (t.shape, DTYPES[t.dtype]) for h in headers.values() for k, t in h.tensors.items()}
@@ -164,6 +165,7 @@ def load(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
     verify: bool = False,
+    config_overrides: Mapping[str, Any] | None = None,
     timings: dict[str, float] | None = None,
 ) -> torch.nn.Module:
     """Load the model at `location` exactly as its `metadata.json` says, in eval mode.
@@ -174,12 +176,15 @@ def load(
     Args:
         location: the model folder, a path or URL (`file://`, `s3://`, `gs://`, `https://`...).
         dtype: cast floating tensors to this (`torch.bfloat16`, "bf16", ...); None keeps them.
-        device: where to place the model; None leaves it on the CPU.
+        device: where to place the model ("cuda", "cuda:1", "auto": cuda, else mps, else cpu);
+            None leaves it on the CPU.
         storage_options: obstore settings for remote locations (win over the environment).
         trust_code: run a remote model's own module (a local folder's code always runs).
         cache_dir: where remote files are cached (default `$WMTP_CACHE_DIR`, `~/.cache/wmtp`).
         progress: a download progress bar; None shows one when stderr is a terminal.
         verify: hash local files against the manifest (downloads are always hashed).
+        config_overrides: config settings to change before the model is built, e.g.
+            `{"output_hidden_states": True}`; a setting the config lacks is an `OptionError`.
         timings: a dict to fill with seconds per phase: fetch, map, build, assign.
 
     Raises:
@@ -204,7 +209,7 @@ def load(
     marks.append(time.perf_counter())
     headers = {n: read_header(files[n], join(location, n)) for n in names}
     marks.append(time.perf_counter())
-    model, groups = plan(location, meta, files, headers, cast)
+    model, groups = plan(location, meta, files, headers, cast, config_overrides)
     marks.append(time.perf_counter())
     tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
     build.assign(model, remap_state_dict(tensors, strategy.state_dict_mapping), groups)
@@ -233,42 +238,46 @@ def resolve(
         >>> resolve("critic-wmtp", ["models/mtp", "models/rm"], role="reward_model")
         'models/rm'
     """
-    return choose(reasons(algo, paths, role=role, storage_options=storage_options), algo, role)
+    if role is not None and role not in get_args(WmtpType):
+        raise OptionError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
+    return choose(read_all(paths, storage_options), algo, role)
 
 
-def choose(found: Iterable[tuple[str, Judged]], algo: str, role: str | None) -> str:
-    """The first path whose reason (from `reasons`) is None, without waiting for later ones;
-    else the error listing every reason."""
-    seen: dict[str, Judged] = {}
-    for path, judged in found:
-        if (seen.setdefault(path, judged))[0] is None:
+def read_all(paths: Sequence[str], options: StorageOptions | None) -> Iterator[tuple[str, Read]]:
+    """Each path's metadata, or why it cannot be read (each failure its own reason), in order
+    as soon as known. All are read at once; a caller may stop at its answer."""
+
+    def read(path: str) -> Read:
+        try:
+            return read_metadata(path, storage_options=options)
+        except WmtpError as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0]}"
+
+    pool = ThreadPoolExecutor(max(1, min(16, len(paths))))
+    futures = [pool.submit(read, path) for path in paths]
+    pool.shutdown(wait=False)  # no wait for the rest; a stalled read times out
+    return ((path, future.result()) for path, future in zip(paths, futures, strict=True))
+
+
+def why_not(meta: Read, algo: str, role: str | None) -> str | None:
+    """Why a candidate (its metadata, from `read_all`) does not serve `algo` as `role` (any
+    role when None); None when it does."""
+    if isinstance(meta, str):
+        return meta
+    if algo not in (served := meta.algorithm_compatibility):
+        return f"algorithm_compatibility is {list(served)}"
+    if role is not None and (kind := meta.wmtp_type) != role:
+        return f"serves {algo} but wmtp_type is {kind!r}, not {role!r}"
+    return None
+
+
+def choose(found: Iterable[tuple[str, Read]], algo: str, role: str | None) -> str:
+    """The first path that serves `algo` as `role`, without waiting for later ones; else the
+    `NoCompatibleModelError` with every candidate's reason."""
+    seen: dict[str, Read] = {}
+    for path, meta in found:
+        if why_not(seen.setdefault(path, meta), algo, role) is None:
             return path
     from wmtp.explain import no_candidate
 
     raise no_candidate(seen, algo, role)
-
-
-def reasons(
-    algo: str, paths: Sequence[str], *, role: str | None, storage_options: StorageOptions | None
-) -> Iterator[tuple[str, Judged]]:
-    """Each path, in order as soon as it is known: why it does not serve `algo` (None: it
-    does), and the algorithms it serves. All are read at once; a caller stops at its answer."""
-    if role is not None and role not in get_args(WmtpType):
-        raise OptionError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
-
-    def judge(path: str) -> Judged:
-        try:
-            meta = read_metadata(path, storage_options=storage_options)
-        except WmtpError as e:  # each failure its own reason: missing, invalid, denied...
-            return f"{type(e).__name__}: {str(e).splitlines()[0]}", ()
-        served, kind = meta.algorithm_compatibility, meta.wmtp_type
-        if algo not in served:
-            return f"algorithm_compatibility is {list(served)}", served
-        if role is not None and kind != role:
-            return f"serves {algo} but wmtp_type is {kind!r}, not {role!r}", served
-        return None, served
-
-    pool = ThreadPoolExecutor(max(1, min(16, len(paths))))
-    futures = [pool.submit(judge, path) for path in paths]
-    pool.shutdown(wait=False)  # the caller stops at its answer; a stalled read times out
-    return ((path, future.result()) for path, future in zip(paths, futures, strict=True))

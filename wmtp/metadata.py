@@ -45,6 +45,7 @@ class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
 
     state_dict_mapping: StateDictMapping = StateDictMapping()
     required_files: tuple[RelPath, ...]
+    tokenizer_files: tuple[RelPath, ...] = ()  # beside the model, for `wmtp.load_tokenizer`
 
     def __post_init__(self) -> None:
         if twice := sorted({f for f in self.required_files if self.required_files.count(f) > 1}):
