@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any, Final
 
 import msgspec
+import tokenizers
 import torch
 import transformers
 from safetensors.torch import save_file
@@ -83,6 +84,41 @@ def llama_mtp_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model: torch.nn.Module = import_file(LLAMA_MODULE).LlamaMTP(config)
     return model
+
+
+TOKENIZER_TEXT: Final = (
+    "the quick brown fox jumps over the lazy dog",
+    "a model predicts the next few tokens at once",
+    "every extra head looks one more token ahead",
+    "weights load from a local disk or from a bucket",
+)
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A BPE tokenizer trained here on `TOKENIZER_TEXT` (no network): fewer than 128 tokens, so
+    its ids fit every test model; <pad> 0, <bos> 1, <eos> 2 (as `TOKEN_IDS`), <unk> 3; each
+    text is wrapped in <bos> ... <eos>; padding on the right."""
+    special = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.normalizer = tokenizers.normalizers.Lowercase()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    tok.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=128, special_tokens=special, show_progress=False
+    )
+    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", 2)]
+    )
+    assert [tok.token_to_id(t) for t in special] == [0, 1, 2, 3]
+    return transformers.PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="right",
+    )
 
 
 def hf_model(auto: str, config: dict[str, Any], seed: int = 0) -> torch.nn.Module:

@@ -73,7 +73,12 @@ SPOILS: list[tuple[tuple[str, ...], object, str, str]] = [
     ((LS, "required_files"), ["../x"], "$.loading_strategy.required_files[0]", "without '..'"),
     ((LS, "required_files"), ["a", "/etc/x"], "required_files[1]", "leading '/'"),
     ((LS, "transformers_class"), None, "$.loading_strategy.transformers_class", "AutoModelFor"),
-    ((*MAPPING, "key_transforms"), {"(": "x"}, "key_transforms", "missing ), unterminated subpattern"),
+    (
+        (*MAPPING, "key_transforms"),
+        {"(": "x"},
+        "key_transforms",
+        "missing ), unterminated subpattern",
+    ),
 ]
 
 

@@ -2,32 +2,19 @@
 says: `wmtp.load("examples/tiny-mtp")`, `wmtp.resolve("critic-wmtp", ["models/mtp", "models/rm"])`.
 torch and transformers are imported only when a model is loaded."""
 
-from importlib import import_module
+from importlib import import_module  # noqa: I001 (grouped by what they hold)
 from typing import TYPE_CHECKING, Any
 
-from wmtp.build import remap_state_dict
 from wmtp.errors import (
-    FetchError,
-    IntegrityError,
-    MetadataError,
-    ModelFileError,
-    NoCompatibleModelError,
-    OptionError,
-    StoreAccessError,
-    UntrustedCodeError,
-    WeightsError,
-    WmtpError,
+    FetchError, IntegrityError, MetadataError, ModelFileError, NoCompatibleModelError,
+    OptionError, StoreAccessError, UntrustedCodeError, WeightsError, WmtpError,
 )  # fmt: skip
-from wmtp.load import LOADERS, load, resolve
-from wmtp.metadata import (
-    LoadingStrategy,
-    Metadata,
-    StateDictMapping,
-    decode_metadata,
-    read_metadata,
-)
-from wmtp.save import save
+from wmtp.build import remap_state_dict
 from wmtp.store import cache_root
+from wmtp.load import LOADERS, load, resolve
+from wmtp.metadata import LoadingStrategy, Metadata, StateDictMapping, decode_metadata
+from wmtp.metadata import read_metadata
+from wmtp.save import save
 
 if TYPE_CHECKING:
     from wmtp.roles import ALGORITHM_ROLES, load_roles, resolve_roles
@@ -43,30 +30,10 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(f"wmtp.{_LATER[name]}"), name)
 
 
-__all__ = [
-    "ALGORITHM_ROLES",
-    "LOADERS",
-    "FetchError",
-    "IntegrityError",
-    "LoadingStrategy",
-    "Metadata",
-    "MetadataError",
-    "ModelFileError",
-    "NoCompatibleModelError",
-    "OptionError",
-    "StateDictMapping",
-    "StoreAccessError",
-    "UntrustedCodeError",
-    "WeightsError",
-    "WmtpError",
-    "cache_root",
-    "decode_metadata",
-    "load",
-    "load_roles",
-    "load_tokenizer",
-    "read_metadata",
-    "remap_state_dict",
-    "resolve",
-    "resolve_roles",
-    "save",
+__all__ = [  # noqa: RUF022
+    "LOADERS", "FetchError", "IntegrityError", "LoadingStrategy", "Metadata", "MetadataError",
+    "ModelFileError", "NoCompatibleModelError", "OptionError", "StateDictMapping",
+    "StoreAccessError", "UntrustedCodeError", "WeightsError", "WmtpError", "cache_root",
+    "decode_metadata", "load", "read_metadata", "remap_state_dict", "resolve", "save",
+    "ALGORITHM_ROLES", "load_roles", "load_tokenizer", "resolve_roles",
 ]  # fmt: skip

@@ -9,7 +9,7 @@ import operator
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, get_args
@@ -127,13 +127,11 @@ def trusted(location: str, meta: Metadata, trust_code: bool) -> None:
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A floating `torch.dtype` from itself or a name ("bf16", "fp32"...), else `OptionError`."""
-    if dtype is None:
-        return None
     import torch
 
-    name = dtype.lower().removeprefix("torch.") if isinstance(dtype, str) else None
-    found = dtype if name is None else getattr(torch, DTYPE_ALIASES.get(name, name), None)
-    if isinstance(found, torch.dtype) and found.is_floating_point:
+    name = str(dtype).lower().removeprefix("torch.")
+    found = None if dtype is None else getattr(torch, DTYPE_ALIASES.get(name, name), None)
+    if dtype is None or (isinstance(found, torch.dtype) and found.is_floating_point):
         return found
     raise OptionError(
         f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_ALIASES)}, float32, bfloat16, "
@@ -146,9 +144,7 @@ def parse_device(device: torch.device | str | None) -> torch.device | None:
     import torch
 
     if device == "auto":
-        device = (
-            "cuda" if torch.cuda.is_available() else "mps" if torch.mps.is_available() else "cpu"
-        )
+        device = next((d for d in ("cuda", "mps") if getattr(torch, d).is_available()), "cpu")
     try:  # a tensor proves the name and that this machine has the device
         return None if device is None else torch.empty(0, device=device).device
     except (RuntimeError, AssertionError) as e:
@@ -240,7 +236,13 @@ def resolve(
     """
     if role is not None and role not in get_args(WmtpType):
         raise OptionError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
-    return choose(read_all(paths, storage_options), algo, role)
+    seen: dict[str, Read] = {}
+    for path, meta in read_all(paths, storage_options):  # no wait for those after the answer
+        if why_not(seen.setdefault(path, meta), algo, role) is None:
+            return path
+    from wmtp.explain import no_candidate
+
+    raise no_candidate(seen, algo, role)
 
 
 def read_all(paths: Sequence[str], options: StorageOptions | None) -> Iterator[tuple[str, Read]]:
@@ -269,15 +271,3 @@ def why_not(meta: Read, algo: str, role: str | None) -> str | None:
     if role is not None and (kind := meta.wmtp_type) != role:
         return f"serves {algo} but wmtp_type is {kind!r}, not {role!r}"
     return None
-
-
-def choose(found: Iterable[tuple[str, Read]], algo: str, role: str | None) -> str:
-    """The first path that serves `algo` as `role`, without waiting for later ones; else the
-    `NoCompatibleModelError` with every candidate's reason."""
-    seen: dict[str, Read] = {}
-    for path, meta in found:
-        if why_not(seen.setdefault(path, meta), algo, role) is None:
-            return path
-    from wmtp.explain import no_candidate
-
-    raise no_candidate(seen, algo, role)
