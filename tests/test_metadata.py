@@ -108,7 +108,7 @@ def test_custom_loader_needs_class_and_module() -> None:
     with pytest.raises(wmtp.MetadataError, match=r"model_class_name`; custom_mtp needs it"):
         decode(data)
     data["loading_strategy"].update(model_class_name="M", custom_module_file="modeling.py")
-    with pytest.raises(wmtp.MetadataError, match=r"'modeling.py' is not listed"):
+    with pytest.raises(wmtp.MetadataError, match=r"must list modeling.py"):
         decode(data)
 
 

@@ -10,18 +10,18 @@ from wmtp.errors import (
     OptionError, StoreAccessError, UntrustedCodeError, WeightsError, WmtpError,
 )  # fmt: skip
 from wmtp.build import remap_state_dict
-from wmtp.store import cache_root
 from wmtp.load import LOADERS, load, resolve
 from wmtp.metadata import LoadingStrategy, Metadata, StateDictMapping, decode_metadata
 from wmtp.metadata import read_metadata
 from wmtp.save import save
 
 if TYPE_CHECKING:
+    from wmtp.remote import cache_root
     from wmtp.roles import ALGORITHM_ROLES, load_roles, resolve_roles
     from wmtp.tokenizer import load_tokenizer
-# What a training run needs besides `load` comes on first use; a plain load never imports it.
+# What a training run needs besides `load`, and the cache's place, come on first use.
 _LATER = dict.fromkeys(("ALGORITHM_ROLES", "load_roles", "resolve_roles"), "roles")
-_LATER["load_tokenizer"] = "tokenizer"
+_LATER |= {"load_tokenizer": "tokenizer", "cache_root": "remote"}
 
 
 def __getattr__(name: str) -> Any:

@@ -38,11 +38,10 @@ class Mismatch(msgspec.Struct, frozen=True):
 
 
 def remap_state_dict(state_dict: Mapping[str, V], mapping: StateDictMapping) -> dict[str, V]:
-    """A new dict with every key renamed by `mapping`; the values are the same objects.
-
-    Each key loses `remove_prefix` (where it has it), is rewritten by the first of
-    `key_transforms` whose pattern matches it whole (or dropped by a null), then gains
-    `add_prefix`. Values may be tensors, or shapes for a check from headers.
+    """A new dict with every key renamed by `mapping`; the values (tensors, or shapes for a
+    check from headers) are the same objects. Each key loses `remove_prefix` where it has it,
+    is rewritten by the first of `key_transforms` matching it whole (dropped by a null), then
+    gains `add_prefix`.
 
     Raises:
         WeightsError: two checkpoint keys end at the same model key (both are named).

@@ -34,8 +34,7 @@ class NoCompatibleModelError(WmtpError, LookupError):
 
 
 class FetchError(WmtpError, ConnectionError):
-    """A store could not be read (unreachable, stopped answering, an I/O error) or the cache
-    written; retries were spent."""
+    """A store could not be read (unreachable, silent, an I/O error) or the cache written."""
 
 
 class StoreAccessError(WmtpError, PermissionError):

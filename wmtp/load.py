@@ -1,7 +1,6 @@
-"""The two calls users make: `load(location)`, its data flow on one screen with `LOADERS`, the
-table it dispatches on, and `resolve(algo, paths)`, which picks models by their metadata.
-metadata.json -> fetch -> headers -> LOADERS[loader_type] finds the class -> build empty
-    -> remap_state_dict -> strict compare -> map the files and assign -> eval()"""
+"""`load(location)`, its data flow on one screen, `LOADERS` (the table it dispatches on) and
+`resolve(algo, paths)`. metadata.json -> fetch -> headers -> LOADERS[loader_type] finds the
+class -> build empty -> remap_state_dict -> strict compare -> map the files, assign -> eval()"""
 
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 Read = Metadata | str  # a candidate's metadata, or why it could not be read
-# Names `dtype` takes besides torch's own ("float32", "bfloat16", "half", "double"...).
 DTYPE_ALIASES: Final = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
@@ -86,10 +84,9 @@ def plan(
     cast: torch.dtype | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, Groups]:
-    """The model built empty and its groups of tied names, once the checkpoint, known from
-    its `headers` alone, fits it exactly in keys, shapes and dtypes (floating tensors: all
-    one type, or `cast`), built with config `overrides`; else the `MetadataError` or
-    `WeightsError` that lists every problem, with fixes. `check` and `migrate` stop here."""
+    """The model built empty (config `overrides` set) and its groups of tied names, once the
+    checkpoint, from its `headers` alone, fits it exactly: keys, shapes, dtypes (floating ones
+    all one type, or `cast`); else the error listing every problem. `check` stops here."""
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
     config = build.read_config(files["config.json"], overrides or {})
     cls = LOADERS[strategy.loader_type](location, strategy, files)
@@ -172,8 +169,7 @@ def load(
     Args:
         location: the model folder, a path or URL (`file://`, `s3://`, `gs://`, `https://`...).
         dtype: cast floating tensors to this (`torch.bfloat16`, "bf16", ...); None keeps them.
-        device: where to place the model ("cuda", "cuda:1", "auto": cuda, else mps, else cpu);
-            None leaves it on the CPU.
+        device: "cpu", "cuda:1"... or "auto" (cuda, else mps, else cpu); None: the CPU.
         storage_options: obstore settings for remote locations (win over the environment).
         trust_code: run a remote model's own module (a local folder's code always runs).
         cache_dir: where remote files are cached (default `$WMTP_CACHE_DIR`, `~/.cache/wmtp`).

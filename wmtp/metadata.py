@@ -50,8 +50,9 @@ class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
     def __post_init__(self) -> None:
         if twice := sorted({f for f in self.required_files if self.required_files.count(f) > 1}):
             raise ValueError(f"`required_files` lists {', '.join(twice)} more than once")
-        if "config.json" not in self.required_files:
-            raise ValueError("`required_files` must list config.json")
+        for need in ("config.json", getattr(self, "custom_module_file", None) or "config.json"):
+            if need not in self.required_files:  # custom_module_file: CustomMTP's
+                raise ValueError(f"`required_files` must list {need}, to fetch it with the model")
         if not any(f.endswith((SAFETENSORS, INDEX)) for f in self.required_files):
             pickles = ", ".join(f for f in self.required_files if f.endswith((".bin", ".pt")))
             why = f" ({pickles} is a pickle, which wmtp does not load)" if pickles else ""
@@ -66,14 +67,6 @@ class CustomMTP(Strategy, frozen=True, kw_only=True, tag="custom_mtp"):
     model_class_name: Name
     custom_module_file: PyPath
     transformers_class: None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.custom_module_file not in self.required_files:
-            raise ValueError(
-                f"custom_module_file {self.custom_module_file!r} is not listed in "
-                "`required_files`; add it there so it is fetched with the model"
-            )
 
 
 class HuggingFace(Strategy, frozen=True, kw_only=True, tag="huggingface"):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from wmtp.errors import FetchError, IntegrityError, OptionError
 from wmtp.metadata import FileEntry
-from wmtp.store import PARALLEL, StorageOptions, cache_root, join, translate
+from wmtp.store import PARALLEL, StorageOptions, join, translate
 
 # obstore's HTTP client settings go to `client_options`, not to the store's config, where
 # obstore panics on them.
@@ -52,6 +52,14 @@ PART_SIZE: Final = 16 * 2**20
 HOST: Final = socket.gethostname()
 # sync_file_range(2) (Linux): start writing a finished part, so the fsync has less to wait for.
 _SYNC_FILE_RANGE: Final = getattr(ctypes.CDLL(None), "sync_file_range", None)
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where downloads go: `cache_dir`, else `$WMTP_CACHE_DIR`, else `$XDG_CACHE_HOME/wmtp`,
+    else `~/.cache/wmtp`. Deleting it is always safe between loads."""
+    if cache_dir is not None or (cache_dir := os.environ.get("WMTP_CACHE_DIR")):
+        return Path(cache_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wmtp"
 
 
 def open_remote(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:

@@ -1,7 +1,6 @@
-"""Locations (a folder, `file://` or any URL obstore's `from_url` takes: `s3://`, `gs://`,
-`az://`, `https://`) and their stores, with obstore's errors translated once; and `fetch`, the
-local paths of a model's files, checked against the manifest. `wmtp.remote` opens the stores
-of URLs and caches their files."""
+"""Locations (a folder, `file://` or a URL obstore's `from_url` takes: `s3://`, `gs://`, `az://`,
+`https://`), their stores, obstore's errors translated once, and `fetch`: the local paths of a
+model's files, checked against the manifest (`wmtp.remote` does URLs and the cache)."""
 
 from __future__ import annotations
 
@@ -75,14 +74,6 @@ def regular(path: Path) -> Path:
     return path
 
 
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where downloads go: `cache_dir`, else `$WMTP_CACHE_DIR`, else `$XDG_CACHE_HOME/wmtp`,
-    else `~/.cache/wmtp`. Deleting it is always safe between loads."""
-    if cache_dir is not None or (cache_dir := os.environ.get("WMTP_CACHE_DIR")):
-        return Path(cache_dir)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wmtp"
-
-
 def heads(location: str, names: Sequence[str], options: StorageOptions | None) -> dict[str, Any]:
     """Each file's object metadata (`size`, `e_tag`, ...), by HEADs at once; None if missing."""
     store = open_store(location, options)
@@ -116,10 +107,9 @@ def fetch(
     manifest: Mapping[str, FileEntry] | None = None,
     verify: bool = False,
 ) -> dict[str, Path]:
-    """Local paths of `files` (names in the folder or URL `location`), downloading remote ones
-    first; options as for `wmtp.load`, and the `manifest` to check sizes (always) and hashes
-    (of downloads; of local or cached copies with `verify`) against. Raises `ModelFileError`
-    naming every missing file, `IntegrityError`, `StoreAccessError` or `FetchError`."""
+    """Local paths of `files` (names in the folder or URL `location`), downloaded first when
+    remote; options as for `wmtp.load`. Sizes are checked against the `manifest`, hashes too
+    for downloads (and with `verify`). Raises `ModelFileError` naming every missing file."""
     manifest = manifest or {}
     found = require(location, heads(location, files, storage_options))
     for name, meta in found.items():
@@ -155,7 +145,5 @@ def translate(url: str) -> Iterator[None]:
         cause = str(e).strip().partition("\n")[0] or type(e).__name__
         if not isinstance(e, obx.PermissionDeniedError | obx.UnauthenticatedError):
             raise FetchError(f"{url}: {cause}") from e
-        raise StoreAccessError(
-            f"{url}: access denied ({cause}); check the credentials "
-            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options) and their rights"
-        ) from None
+        why = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options, and rights"
+        raise StoreAccessError(f"{url}: access denied ({cause}); {why}") from None

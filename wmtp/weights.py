@@ -1,7 +1,6 @@
-"""Checkpoint tensors: safetensors headers judged alone, then the data mapped, never copied.
-safetensors' own loader copies every tensor; this reader maps each file privately (writes
-never reach the file) and releases each tensor's pages as it is cast, so a cast never holds
-the checkpoint twice."""
+"""Checkpoint tensors: headers judged alone, then the data mapped, never copied (safetensors'
+own loader copies). Each file is mapped privately (writes never reach it) and each tensor's
+pages are released as it is cast, so a cast never holds the checkpoint twice."""
 
 from __future__ import annotations
 
