@@ -98,7 +98,7 @@ def compare(expected: Mapping[str, Sig], groups: Groups, found: Mapping[str, Sig
     return Mismatch(tuple(sorted(missing)), tuple(sorted(unexpected)), tuple(sorted(misshapen)))
 
 
-_LOCK = threading.Lock()  # the patches are process-wide: one build at a time
+_LOCK = threading.Lock()  # the patches are process-wide: one build at a time, its thread only
 _FILLS = ("normal_", "uniform_", "fill_", "zero_")  # init fills: slow on meta, and pointless
 
 
@@ -107,15 +107,15 @@ def build_empty(cls: Callable[[Any], torch.nn.Module], config: Any, what: str) -
     naming `what` (the cause is chained)."""
     import torch
 
-    register = torch.nn.Module.register_parameter
-    fills = {name: getattr(torch.Tensor, name) for name in _FILLS}
-
-    def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
     with _LOCK:
+        register, me = torch.nn.Module.register_parameter, threading.get_ident()
+        fills = {name: getattr(torch.Tensor, name) for name in _FILLS}
+
+        def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+            if param is not None and not param.is_meta and threading.get_ident() == me:
+                param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+            register(module, name, param)  # another thread's assign goes through untouched
+
         torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign,assignment]
         for n, f in fills.items():
             setattr(torch.Tensor, n, lambda t, *a, f=f, **k: t if t.is_meta else f(t, *a, **k))
