@@ -56,7 +56,9 @@ def check(
 
     Checks the metadata, that every required file exists, sizes (and with `verify_hashes`,
     SHA-256) against the manifest, then builds the model on the meta device and compares
-    the remapped checkpoint keys and shapes, from the safetensors headers, exactly.
+    the remapped checkpoint keys and shapes, from the safetensors headers, exactly. The
+    files `tokenizer_files` lists (none are weights) are fetched and loaded as
+    `wmtp.load_tokenizer` would: each missing or refused one is a problem.
 
     Args:
         location: model folder or URL.
@@ -73,6 +75,7 @@ def check(
     """
     start, problems, model = time.perf_counter(), [], None
     options: dict[str, Any] = {"storage_options": storage_options, "cache_dir": cache_dir}
+    meta: Metadata | None = None
     try:
         meta = read_metadata(location, storage_options=storage_options)
         problems += _manifest_problems(location, meta.files or {}, verify_hashes, options)
@@ -81,6 +84,13 @@ def check(
         model = plan_from_headers(location, unchecked, trust_code, options, cast, config_overrides)
     except WmtpError as e:
         problems.extend(e.problems or [str(e)])
+    if meta is not None and meta.loading_strategy.tokenizer_files:
+        from wmtp.tokenizer import load_tokenizer
+
+        try:
+            load_tokenizer(location, **options)
+        except WmtpError as e:  # a size or hash problem may be listed from the manifest already
+            problems.extend(p for p in e.problems or [str(e)] if p not in problems)
     tensors = len(model.state_dict()) if model is not None else 0
     name = type(model).__name__ if model is not None else None
     return CheckReport(

@@ -2,8 +2,8 @@
 or a plain Hugging Face folder, from explicit evidence only.
 
 Evidence: config.json's `architectures`; a class of that name defined (read with
-`ast`, not run) in a `.py` file of the folder; the safetensors files present;
-and the key mapping under which the checkpoint's keys fit the model exactly,
+`ast`, not run) in a `.py` file of the folder; the safetensors and tokenizer files
+present; and the key mapping under which the checkpoint's keys fit the model exactly,
 found by a dry run. Anything the evidence does not settle is an error that
 says what to add.
 """
@@ -39,6 +39,11 @@ from wmtp.weights import checkpoint_names
 # migrate itself decides.
 _DECIDED = {"wmtp_type", "storage_version", "loading_strategy", "algorithm_compatibility", "files"}
 _CARRIED = tuple(f.name for f in msgspec.structs.fields(Metadata) if f.name not in _DECIDED)
+# The files transformers' tokenizers save; those present become `tokenizer_files`.
+TOKENIZER_FILES = frozenset(
+    "tokenizer.json tokenizer_config.json special_tokens_map.json vocab.json merges.txt "
+    "tokenizer.model vocab.txt added_tokens.json".split()
+)
 
 
 class Migration(msgspec.Struct, frozen=True):
@@ -98,6 +103,8 @@ def migrate(
         )
     config = msgspec.json.decode(read_file(location, "config.json", storage_options))
     strategy = _strategy(location, names, config, storage_options)
+    tokenizer = tuple(n for n in names if n in TOKENIZER_FILES)
+    strategy = msgspec.structs.replace(strategy, tokenizer_files=tokenizer)
     role = old.get("wmtp_type") or wmtp_type
     if role is None:
         raise MetadataError(
@@ -127,7 +134,7 @@ def migrate(
     meta = msgspec.structs.replace(meta, loading_strategy=fitted)
     indexes = [n for n in fitted.required_files if n.endswith(INDEX)]
     shards = checkpoint_names(indexes, fetch(location, indexes, progress=False, **options))
-    files = list(dict.fromkeys([*fitted.required_files, *shards]))
+    files = list(dict.fromkeys([*fitted.required_files, *shards, *tokenizer]))
     meta = msgspec.structs.replace(meta, files=file_manifest(location, files, storage_options))
     dropped = sorted(set(old) - set(msgspec.structs.asdict(meta)) - {"loading_strategy"})
     if dropped:

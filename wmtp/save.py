@@ -6,14 +6,15 @@ import copy
 import hashlib
 import inspect
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import obstore
 
-from wmtp.errors import MetadataError
+from wmtp.errors import MetadataError, OptionError
 from wmtp.metadata import CustomMTP, FileEntry, HuggingFace, Metadata, WmtpType
 from wmtp.store import StorageOptions, join, open_store, translate
 
@@ -30,10 +31,12 @@ def save(
     training_algorithm: str | None = None,
     base_architecture: str | None = None,
     transformers_class: str | None = None,
+    tokenizer: Any = None,
 ) -> Metadata:
     """Write `config.json`, `model.safetensors` (tied weights once), the model's module
     file for a custom model, and `metadata.json` (last, with the integrity manifest of
-    the other files) into `dest`.
+    the other files) into `dest`; with `tokenizer`, its files too, listed in
+    `loading_strategy.tokenizer_files` for `wmtp.load_tokenizer`.
 
     A model whose class comes from transformers is saved for the `huggingface`
     loader (with `transformers_class` found from its architecture unless given);
@@ -45,9 +48,11 @@ def save(
         wmtp_type, algorithm_compatibility, training_algorithm, base_architecture:
             written into the metadata as given.
         transformers_class: the Auto class for a transformers model.
+        tokenizer: a transformers tokenizer (anything with `save_pretrained`), or None.
 
     Raises:
         MetadataError: the model has no `config`, or no Auto class builds it.
+        OptionError: `tokenizer` has no `save_pretrained`.
 
     Example:
         >>> save(model, "out/mtp", wmtp_type="base_model", algorithm_compatibility=["baseline-mtp"])
@@ -59,6 +64,8 @@ def save(
         raise MetadataError(
             f"{type(model).__name__} has no transformers `config` attribute to save"
         )
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise OptionError(f"tokenizer= takes a transformers tokenizer, not {type(tokenizer)}")
     cls = type(model)
     config = copy.deepcopy(config)
     config.architectures = [cls.__name__]
@@ -82,11 +89,13 @@ def save(
             custom_module_file=module_file.name,
             required_files=(*files, module_file.name),
         )
+    tokenizer_files = () if tokenizer is None else _save_tokenizer(tokenizer, folder)
     _write(folder / "config.json", config.to_json_string().encode())
     tmp = folder / f".model.safetensors.{os.getpid()}.tmp"
     save_model(model, str(tmp))
     tmp.chmod(0o644)  # safetensors creates it private; a model folder is meant to be shared
     tmp.replace(folder / "model.safetensors")
+    strategy = msgspec.structs.replace(strategy, tokenizer_files=tokenizer_files)
     meta = Metadata(
         wmtp_type=wmtp_type,
         storage_version="2.0",
@@ -94,10 +103,21 @@ def save(
         algorithm_compatibility=tuple(algorithm_compatibility),
         training_algorithm=training_algorithm,
         base_architecture=base_architecture or config.model_type,
-        files=file_manifest(str(folder), strategy.required_files),
+        files=file_manifest(str(folder), (*strategy.required_files, *tokenizer_files)),
     )
     _write(folder / "metadata.json", encode_metadata(meta))
     return meta
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> tuple[str, ...]:
+    """Write the tokenizer's files into `folder` (each moved in whole); their names."""
+    with tempfile.TemporaryDirectory(prefix=".tokenizer.", dir=folder) as tmp:
+        tokenizer.save_pretrained(tmp)
+        names = sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file())
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Path(tmp, name).replace(folder / name)
+    return tuple(names)
 
 
 def _write(path: Path, data: bytes) -> None:
