@@ -404,3 +404,70 @@ def test_an_uncreatable_cache_is_named(s3_server: S3Server, tmp_path: Path) -> N
     url, options = f"s3://{s3_server.bucket}/hostile/cache", storage_options(s3_server)
     with pytest.raises(wmtp.FetchError, match=rf"the download cache '{blocker}/cache' cannot be"):
         wmtp.load(url, storage_options=options, cache_dir=blocker / "cache", trust_code=True)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.safetensors.index.json"])
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(
+    name: str, models: dict[str, Path], copy: Copy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = copy(models["gpt2_reference"])
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / name)
+    if name.endswith(".json"):  # an index in place of the weights
+        data = json.loads((folder / "metadata.json").read_text())
+        data["loading_strategy"]["required_files"] = ["config.json", name]
+        data.pop("files")
+        (folder / "metadata.json").write_text(json.dumps(data))
+    words = rf"{folder}/{name} is not a regular file"
+    with pytest.raises(wmtp.ModelFileError, match=words):
+        wmtp.load(str(folder))
+    assert any(f"{folder}/{name} is not a regular file" in p for p in check(str(folder)).problems)
+    with pytest.raises(wmtp.ModelFileError, match=words):
+        inspect_model(str(folder))
+    assert main(["inspect", str(folder)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_slow_pattern_is_bounded_over_all_keys(models: dict[str, Path], copy: Copy) -> None:
+    """Each key under a per-call limit would still add up; the limit covers the whole mapping."""
+    folder = copy(models["gpt2_reference"])
+    builders.edit_metadata(folder, state_dict_mapping={"key_transforms": {r"(.*)*Z": "x"}})
+    started = time.monotonic()
+    try:
+        wmtp.load(str(folder))  # fast enough here: then it must load
+    except wmtp.MetadataError as e:
+        assert "runs away" in str(e)
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("option", ["max_retries=-1", "retry_timeout=-1", "retry_timeout=x"])
+def test_retry_options_must_be_non_negative_numbers(option: str) -> None:
+    key, _, value = option.partition("=")
+    with pytest.raises(wmtp.OptionError, match=r"max_retries and retry_timeout"):
+        wmtp.load("s3://bucket/model", storage_options={key: value})
+
+
+def test_an_absurd_config_stops_building_early(models: dict[str, Path], copy: Copy) -> None:
+    folder = copy(models["gpt2_reference"])
+    config = json.loads((folder / "config.json").read_text()) | {"n_layer": 100_000}
+    builders.write_text(folder, "config.json", json.dumps(config))
+    started = time.monotonic()
+    with pytest.raises(wmtp.MetadataError) as err:
+        wmtp.load(str(folder))
+    assert time.monotonic() - started < 30  # building 10**5 layers would take minutes
+    assert f"{folder}/config.json (AutoModelForCausalLM): building the model" in str(err.value)
+    assert "far more than the checkpoint has" in str(err.value)
+
+
+def test_an_unknown_home_is_a_missing_folder() -> None:
+    with pytest.raises(wmtp.ModelFileError, match=r"~nobody-wmtp/m' does not exist"):
+        wmtp.load("~nobody-wmtp/m")
+
+
+def test_a_mapping_that_merges_keys_names_its_json_path(
+    models: dict[str, Path], copy: Copy
+) -> None:
+    folder = copy(models["gpt2_reference"])
+    builders.edit_metadata(folder, state_dict_mapping={"key_transforms": {".*": "same"}})
+    with pytest.raises(wmtp.WeightsError, match=r"`\$.loading_strategy.state_dict_mapping` sends"):
+        wmtp.load(str(folder))

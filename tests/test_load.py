@@ -109,9 +109,11 @@ def test_dtype_casts_floating_tensors(
     assert_equals_file(model, expected)
 
 
-def test_device_places_the_model(models: dict[str, Path]) -> None:
-    model = wmtp.load(str(models["gpt2_reference"]), device="meta")
-    assert {p.device.type for p in model.parameters()} == {"meta"}
+def test_device_places_the_model_and_refuses_meta(models: dict[str, Path]) -> None:
+    model = wmtp.load(str(models["gpt2_reference"]), device=torch.device("cpu"))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with pytest.raises(wmtp.OptionError, match=r"device 'meta' is not usable here"):
+        wmtp.load(str(models["gpt2_reference"]), device="meta")  # it holds no weights
 
 
 def test_custom_mapping_renames_checkpoint_keys(models: dict[str, Path], copy: Copy) -> None:

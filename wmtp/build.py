@@ -1,7 +1,6 @@
-"""Build a model empty, then fill it: `remap_state_dict` renames the checkpoint's keys,
-`compare` checks keys and shapes strictly, `assign` gives the tensors. Parameters are built on
-the meta device while buffers are computed for real (rotary `inv_freq` keeps true values),
-which `torch.device("meta")` cannot do: hence the patch of `register_parameter`."""
+"""Build a model empty (parameters on meta, buffers such as rotary `inv_freq` real, which
+`torch.device("meta")` cannot do: hence a `register_parameter` patch), then fill it: keys
+renamed by `remap_state_dict`, checked by `compare`, tensors given by `assign`."""
 
 from __future__ import annotations
 
@@ -9,7 +8,9 @@ import hashlib
 import importlib.util
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from itertools import count
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,6 +23,7 @@ from wmtp.store import read_local
 
 if TYPE_CHECKING:
     import torch
+    from torch.nn import Module
     from transformers import PretrainedConfig
 
 V = TypeVar("V")
@@ -51,35 +53,36 @@ def remap_state_dict(state_dict: Mapping[str, V], mapping: StateDictMapping) -> 
         >>> remap_state_dict({"model.norm.g": t}, m)
         {'norm.w': t}
     """
-    out: dict[str, V] = {}
-    source: dict[str, str] = {}
+    out, source, until = dict[str, V](), dict[str, str](), time.monotonic() + 2.0  # all keys
     for key, value in state_dict.items():
-        if (new := remap_key(key, mapping)) is None:
+        if (new := remap_key(key, mapping, until)) is None:
             continue
         if new in source:
             first, second = sorted((source[new], key))
             raise WeightsError(
-                f"state_dict_mapping sends both {first!r} and {second!r} to {new!r}; "
-                "change remove_prefix/key_transforms so each checkpoint key has its own name, "
-                "or drop one on purpose with a key_transforms entry mapping it to null"
+                f"`$.loading_strategy.state_dict_mapping` sends both {first!r} and {second!r} "
+                f"to {new!r}; change it so each key has its own name, or drop one on purpose "
+                "with a key_transforms entry mapping it to null"
             )
         source[new], out[new] = key, value
     return out
 
 
-def remap_key(key: str, mapping: StateDictMapping) -> str | None:
-    """The model's name for checkpoint key `key` (see `remap_state_dict`); None drops it."""
+def remap_key(key: str, mapping: StateDictMapping, until: float = 0.0) -> str | None:
+    """The model's name for checkpoint key `key` (see `remap_state_dict`); None drops it.
+    Matching ends by `until` (`time.monotonic()`; default: 2 s from now), else `MetadataError`."""
+    until = until or time.monotonic() + 2.0
     if mapping.remove_prefix and key.startswith(mapping.remove_prefix):
         key = key[len(mapping.remove_prefix) :]
     import regex  # `re` would hold the GIL forever on a pattern like ([\w.]+)+Z from a bucket
 
     for pattern, replacement in mapping.key_transforms.items():
         try:
-            match = regex.fullmatch(pattern, key, timeout=1.0)  # a real key takes microseconds
-        except TimeoutError:
+            match = regex.fullmatch(pattern, key, timeout=max(until - time.monotonic(), 1e-3))
+        except TimeoutError:  # a real mapping takes microseconds a key
             raise MetadataError(
-                f"`$.loading_strategy.state_dict_mapping.key_transforms` {pattern!r} ran over "
-                f"1 s on key {key!r}; rewrite it without nested repeats such as (a+)+"
+                f"`$.loading_strategy.state_dict_mapping.key_transforms` {pattern!r} runs away "
+                f"(at key {key!r}); rewrite it without nested repeats such as (a+)+"
             ) from None
         if match:
             if replacement is None:
@@ -102,17 +105,19 @@ _LOCK = threading.Lock()  # the patches are process-wide: one build at a time, i
 _FILLS = ("normal_", "uniform_", "fill_", "zero_")  # init fills: slow on meta, and pointless
 
 
-def build_empty(cls: Callable[[Any], torch.nn.Module], config: Any, what: str) -> torch.nn.Module:
-    """`cls(config)` with every parameter on the meta device; a failure is a `MetadataError`
-    naming `what` (the cause is chained)."""
+def build_empty(cls: Callable[[Any], Module], config: Any, what: str, most: int) -> Module:
+    """`cls(config)` with every parameter on the meta device; a failure, or more than `most`
+    parameters (an absurd config.json), is a `MetadataError` naming `what` (cause chained)."""
     import torch
 
     with _LOCK:
-        register, me = torch.nn.Module.register_parameter, threading.get_ident()
+        register, me, made = torch.nn.Module.register_parameter, threading.get_ident(), count(1)
         fills = {name: getattr(torch.Tensor, name) for name in _FILLS}
 
         def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
             if param is not None and not param.is_meta and threading.get_ident() == me:
+                if next(made) > most:  # stop early: 10**5 layers would take minutes to build
+                    raise ValueError(f"over {most} parameters, far more than the checkpoint has")
                 param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
             register(module, name, param)  # another thread's assign goes through untouched
 

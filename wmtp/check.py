@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import obstore
 
-from wmtp.errors import IntegrityError, WmtpError
+from wmtp.errors import IntegrityError, ModelFileError, WmtpError
 from wmtp.load import parse_dtype, plan, trusted
 from wmtp.metadata import SAFETENSORS, FileEntry, Metadata, read_metadata
 from wmtp.store import (
@@ -26,7 +26,6 @@ from wmtp.store import (
     join,
     local_root,
     open_store,
-    require,
     translate,
 )
 from wmtp.weights import Header, checkpoint_names, read_header
@@ -117,6 +116,16 @@ def plan_from_headers(
     found |= require(location, heads(location, [n for n in names if n not in found], storage))
     headers = {n: header_at(location, n, int(found[n]["size"]), storage) for n in names}
     return plan(location, meta, files, headers, cast, overrides)[0]
+
+
+def require(location: str, found: dict[str, Any]) -> dict[str, Any]:
+    """`found` (from `heads`), or `ModelFileError` naming every missing file at once."""
+    if missing := [name for name, meta in found.items() if meta is None]:
+        raise ModelFileError(
+            f"required file(s) {', '.join(map(repr, missing))} not found at {location}; "
+            "add them there, or remove them from loading_strategy.required_files"
+        )
+    return found
 
 
 def header_at(location: str, name: str, size: int, options: StorageOptions | None) -> Header:

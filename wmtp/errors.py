@@ -1,5 +1,4 @@
-"""The exceptions wmtp raises: one family under `WmtpError`, each also a built-in exception,
-so `except wmtp.WmtpError` and `except FileNotFoundError` both work."""
+"""wmtp's exceptions: one family under `WmtpError`, each also a built-in (`KeyError`...)."""
 
 
 class WmtpError(Exception):

@@ -256,7 +256,7 @@ def architecture_hint(config: PretrainedConfig, built: str) -> list[str]:
 
 def describe(m: Mismatch, model: str, hints: Sequence[str]) -> str:
     """A message listing every problem of `m`, sorted, eight keys a kind at most, then hints."""
-    lines = [f"the checkpoint does not fit {model} (loading is strict):"]
+    lines = [f"the checkpoint does not fit {model}, as config.json builds it (loading is strict):"]
     for keys, label in (
         (m.missing, "missing (in the model, not in the checkpoint)"),
         (m.unexpected, "unexpected (in the checkpoint, not in the model)"),

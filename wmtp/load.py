@@ -83,15 +83,16 @@ def plan(
     headers: Mapping[str, Header],
     cast: torch.dtype | None = None,
     overrides: Mapping[str, Any] | None = None,
-) -> tuple[torch.nn.Module, Groups]:
-    """The model built empty (config `overrides` set) and its groups of tied names, once the
-    checkpoint, from its `headers` alone, fits it exactly: keys, shapes, dtypes (floating ones
-    all one type, or `cast`); else the error listing every problem. `check` stops here."""
+) -> tuple[torch.nn.Module, Groups, dict[str, str]]:
+    """The model built empty (config `overrides` set), its groups of tied names and its key ->
+    checkpoint key, once the checkpoint, from its `headers` alone, fits it exactly: keys, shapes,
+    dtypes (floating ones one type, or `cast`); else the error listing every problem."""
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
     config = build.read_config(files["config.json"], overrides or {})
     cls = LOADERS[strategy.loader_type](location, strategy, files)
-    model = build.build_empty(cls.build, config, f"{files['config.json']} ({cls.name})")
     found = {k: (t.shape, DTYPES[t.dtype]) for h in headers.values() for k, t in h.tensors.items()}
+    what, most = f"{files['config.json']} ({cls.name})", 4 * len(found) + 64  # tied: fewer
+    model = build.build_empty(cls.build, config, what, most)
     if len(found) < sum(len(h.tensors) for h in headers.values()):  # the last would win
         from wmtp.explain import stored_twice
 
@@ -105,11 +106,13 @@ def plan(
     expected = {k: (tuple(t.shape), one if t.is_floating_point() else str(t.dtype)[6:])
                 for k, t in state.items()}  # fmt: skip
     groups, mapping = [tuple(names) for names in tied.values()], strategy.state_dict_mapping
-    if cls.problems or compare(expected, groups, remap_state_dict(found, mapping)) != Mismatch():
+    keys = remap_state_dict(dict(zip(found, found, strict=True)), mapping)  # the regexes run once
+    renamed = {key: found[name] for key, name in keys.items()}
+    if cls.problems or compare(expected, groups, renamed) != Mismatch():
         from wmtp.explain import refusal
 
         raise refusal(source, cls.problems, model, config, found, mapping, expected, groups)
-    return model, groups
+    return model, groups, keys
 
 
 def trusted(location: str, meta: Metadata, trust_code: bool) -> None:
@@ -142,9 +145,10 @@ def parse_device(device: torch.device | str | None) -> torch.device | None:
 
     if device == "auto":
         device = next((d for d in ("cuda", "mps") if getattr(torch, d).is_available()), "cpu")
-    try:  # a tensor proves the name and that this machine has the device
-        return None if device is None else torch.empty(0, device=device).device
-    except (RuntimeError, AssertionError) as e:
+    try:  # a value read back proves the name, that this machine has it and that it holds data
+        probe = None if device is None else torch.zeros(1, device=device)
+        return None if probe is None else probe.device if probe.tolist() == [0] else None
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
         raise OptionError(f"device {device!r} is not usable here: {e}") from None
 
 
@@ -161,10 +165,8 @@ def load(
     config_overrides: Mapping[str, Any] | None = None,
     timings: dict[str, float] | None = None,
 ) -> torch.nn.Module:
-    """Load the model at `location` exactly as its `metadata.json` says, in eval mode.
-
-    Keys and shapes are checked from the safetensors headers before any weight is read;
-    the weights are then mapped from the files and assigned, never copied.
+    """Load the model at `location` exactly as its `metadata.json` says, in eval mode. Keys,
+    shapes and dtypes are checked from the headers first; weights are mapped, never copied.
 
     Args:
         location: the model folder, a path or URL (`file://`, `s3://`, `gs://`, `https://`...).
@@ -201,10 +203,10 @@ def load(
     marks.append(time.perf_counter())
     headers = {n: read_header(files[n], join(location, n)) for n in names}
     marks.append(time.perf_counter())
-    model, groups = plan(location, meta, files, headers, cast, config_overrides)
+    model, groups, keys = plan(location, meta, files, headers, cast, config_overrides)
     marks.append(time.perf_counter())
     tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
-    build.assign(model, remap_state_dict(tensors, strategy.state_dict_mapping), groups)
+    build.assign(model, {key: tensors[name] for key, name in keys.items()}, groups)
     marks.append(time.perf_counter())
     if timings is not None:
         timings |= zip(("fetch", "map", "build", "assign"), map(operator.sub, marks[1:], marks))  # noqa: B905

@@ -1,6 +1,5 @@
-"""The `metadata.json` schema (storage version 2.0): frozen msgspec Structs, one decoder.
-`loading_strategy` is a tagged union on `loader_type`: the decoder itself enforces each
-loader's fields, the path rules and the key mapping, and every error has its JSON path."""
+"""The `metadata.json` schema (v2.0) as frozen msgspec Structs, `loading_strategy` a union tagged
+by `loader_type`: the decoder enforces each loader's fields, paths and key mapping."""
 
 import re
 from typing import Annotated, ClassVar, Final, Literal

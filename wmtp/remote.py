@@ -76,6 +76,8 @@ def open_remote(location: str, storage_options: StorageOptions | None = None) ->
     try:
         retry: Any = {"max_retries": int(config.pop("max_retries", 5))}  # backoff: obstore's
         retry["retry_timeout"] = timedelta(seconds=float(config.pop("retry_timeout", 60)))
+        if retry["max_retries"] < 0 or retry["retry_timeout"] < timedelta(0):
+            raise ValueError("they cannot be negative")
     except ValueError as e:
         raise OptionError(
             f"storage options max_retries and retry_timeout are numbers: {e}"

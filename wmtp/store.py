@@ -29,7 +29,8 @@ def local_root(location: str) -> Path | None:
     """The folder of a local location (a path or `file://` URL), else None."""
     url = urlparse(location)
     if "://" not in location or url.scheme == "file":
-        return Path(unquote(url.path) if "://" in location else location).expanduser().absolute()
+        path = os.path.expanduser(unquote(url.path) if "://" in location else location)  # noqa: PTH111
+        return Path(path).absolute()  # (os.path keeps an unknown ~user as it is: no error)
     return None
 
 
@@ -76,25 +77,17 @@ def regular(path: Path) -> Path:
 
 def heads(location: str, names: Sequence[str], options: StorageOptions | None) -> dict[str, Any]:
     """Each file's object metadata (`size`, `e_tag`, ...), by HEADs at once; None if missing."""
-    store = open_store(location, options)
+    store, root = open_store(location, options), local_root(location)
 
     def head(name: str) -> Any:
+        if root is not None:
+            regular(root / name)  # a FIFO would block the HEAD
         with suppress(ModelFileError), translate(join(location, name)):
             return obstore.head(store, name)
         return None
 
     with ThreadPoolExecutor(PARALLEL) as pool:
         return dict(zip(names, pool.map(head, names), strict=True))
-
-
-def require(location: str, found: dict[str, Any]) -> dict[str, Any]:
-    """`found` (from `heads`), or `ModelFileError` naming every missing file at once."""
-    if missing := [name for name, meta in found.items() if meta is None]:
-        raise ModelFileError(
-            f"required file(s) {', '.join(map(repr, missing))} not found at {location}; "
-            "add them there, or remove them from loading_strategy.required_files"
-        )
-    return found
 
 
 def fetch(
@@ -111,7 +104,12 @@ def fetch(
     remote; options as for `wmtp.load`. Sizes are checked against the `manifest`, hashes too
     for downloads (and with `verify`). Raises `ModelFileError` naming every missing file."""
     manifest = manifest or {}
-    found = require(location, heads(location, files, storage_options))
+    found = heads(location, files, storage_options)
+    if missing := [name for name, meta in found.items() if meta is None]:
+        raise ModelFileError(
+            f"required file(s) {', '.join(map(repr, missing))} not found at {location}; "
+            "add them there, or remove them from loading_strategy.required_files"
+        )
     for name, meta in found.items():
         check_size(location, name, manifest, int(meta["size"]))
     if (root := local_root(location)) is None:

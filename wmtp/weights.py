@@ -14,17 +14,15 @@ import msgspec
 
 from wmtp.errors import MetadataError
 from wmtp.metadata import INDEX, SAFETENSORS, RelPath
-from wmtp.store import read_local
+from wmtp.store import read_local, regular
 
 if TYPE_CHECKING:
     import torch
 
-DTYPES = dict(  # safetensors dtype -> torch dtype
-    pair.split("=")
-    for pair in "F64=float64 F32=float32 F16=float16 BF16=bfloat16 F8_E4M3=float8_e4m3fn "
-    "F8_E5M2=float8_e5m2 I64=int64 I32=int32 I16=int16 I8=int8 U64=uint64 U32=uint32 "
-    "U16=uint16 U8=uint8 BOOL=bool".split()
-)
+DTYPES = dict(pair.split("=") for pair in (  # safetensors dtype -> torch dtype
+    "F64=float64 F32=float32 F16=float16 BF16=bfloat16 F8_E4M3=float8_e4m3fn F8_E5M2=float8_e5m2 "
+    "I64=int64 I32=int32 I16=int16 I8=int8 U64=uint64 U32=uint32 U16=uint16 U8=uint8 BOOL=bool"
+).split())  # fmt: skip
 
 
 class TensorInfo(msgspec.Struct, frozen=True):
@@ -70,7 +68,7 @@ def read_header(path: Path, url: str | None = None) -> Header:
     from safetensors import safe_open
 
     url, size = url or str(path), path.stat().st_size
-    with path.open("rb") as f:
+    with regular(path).open("rb") as f:
         if not 2 <= (length := int.from_bytes(f.read(8), "little")) <= min(100 << 20, size - 8):
             raise MetadataError(f"{url}: not a safetensors file ({size} bytes, header {length})")
         raw = f.read(length)
