@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgspec
+import regex
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -284,7 +284,8 @@ def remap(key: str, mapping: Mapping[str, Any]) -> str | None:
     if (prefix := mapping.get("remove_prefix")) and key.startswith(prefix):
         key = key[len(prefix) :]
     for pattern, replacement in (mapping.get("key_transforms") or {}).items():
-        if match := re.fullmatch(pattern, key):
+        # The engine the README names: Python's `re` could backtrack for years on ([\w.]+)+Z.
+        if match := regex.fullmatch(pattern, key, timeout=30):
             if replacement is None:
                 return None
             key = match.expand(replacement)
