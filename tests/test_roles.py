@@ -138,15 +138,21 @@ def test_load_roles_reports_every_problem_before_any_weight_is_read(
     assert all("1 missing" in p for p in err.value.problems)
 
 
-def test_load_roles_from_a_bucket(models: dict[str, Path], s3_server: S3Server) -> None:
-    for name in ("mtp", "gpt2_reference"):
+@pytest.mark.parametrize("algo", sorted(wmtp.ALGORITHM_ROLES))
+def test_every_algorithm_loads_from_a_mix_of_bucket_and_disk(
+    algo: str, models: dict[str, Path], s3_server: S3Server
+) -> None:
+    """The base model on disk, the others in the bucket: every tensor equals its file."""
+    for name in ("gpt2_reference", "gpt2_reward"):
         upload_folder(s3_server, models[name], f"roles/{name}")
-    paths = [f"s3://{s3_server.bucket}/roles/{n}" for n in ("gpt2_reference", "mtp")]
-    loaded = wmtp.load_roles(
-        "rho1-wmtp", paths, storage_options=storage_options(s3_server), trust_code=True
-    )
-    _assert_equal_to_files(loaded["base_model"], models["mtp"])
-    _assert_equal_to_files(loaded["reference_model"], models["gpt2_reference"])
+    remote = {n: f"s3://{s3_server.bucket}/roles/{n}" for n in ("gpt2_reference", "gpt2_reward")}
+    paths = [remote["gpt2_reference"], str(models["mtp"]), remote["gpt2_reward"]]
+    loaded = wmtp.load_roles(algo, paths, storage_options=storage_options(s3_server))
+    where = {"base_model": "mtp", "reference_model": "gpt2_reference"}
+    where["reward_model"] = "gpt2_reward"
+    assert list(loaded) == list(wmtp.ALGORITHM_ROLES[algo])
+    for role, model in loaded.items():
+        _assert_equal_to_files(model, models[where[role]])
 
 
 def test_config_overrides_are_set_before_the_model_is_built(models: dict[str, Path]) -> None:
