@@ -133,8 +133,8 @@ def test_remote_custom_code_needs_trust(
     url = f"s3://{s3_server.bucket}/{prefix}"
     report = check(url, storage_options=storage_options(s3_server), cache_dir=str(tmp_path))
     assert report.problems == (
-        f"{url}/modeling.py would run as Python code on this machine; pass trust_code=True "
-        "(wmtp CLI: --trust-code) if you trust whoever can write there",
+        f"{url}/modeling.py would run as code here; pass trust_code=True "
+        "(CLI: --trust-code) if you trust whoever can write there",
     )
 
 

@@ -243,7 +243,7 @@ def test_remote_custom_code_needs_trust(
 ) -> None:
     with pytest.raises(wmtp.UntrustedCodeError) as err:
         wmtp.load(remote["mtp"], storage_options=opts, cache_dir=tmp_path)
-    assert f"{remote['mtp']}/modeling.py would run as Python code" in str(err.value)
+    assert f"{remote['mtp']}/modeling.py would run as code here" in str(err.value)
     assert "trust_code=True" in str(err.value)
     assert not list(tmp_path.rglob("*.safetensors"))  # refused before downloading
 
@@ -311,7 +311,7 @@ def test_cli_loads_from_s3(
     options = [f"-o{k}={v}" for k, v in storage_options(s3_server).items()]
     argv = ["load", remote["mtp"], *options, "--cache-dir", str(tmp_path), "--json"]
     assert main(argv) == 1  # remote custom code is not trusted by default
-    assert "would run as Python code" in json.loads(capsys.readouterr().out)["message"]
+    assert "would run as code here" in json.loads(capsys.readouterr().out)["message"]
     assert main([*argv, "--trust-code"]) == 0
     assert json.loads(capsys.readouterr().out)["class"] == "DistilGPT2MTP"
     assert main(["load", remote["mtp"], "-o", "endpoint"]) == 2

@@ -58,11 +58,10 @@ def remap_state_dict(state_dict: Mapping[str, V], mapping: StateDictMapping) -> 
         if (new := remap_key(key, mapping, until)) is None:
             continue
         if new in source:
-            first, second = sorted((source[new], key))
+            both, fix = sorted((source[new], key)), "give each its own, or drop one (null)"
             raise WeightsError(
-                f"`$.loading_strategy.state_dict_mapping` sends both {first!r} and {second!r} "
-                f"to {new!r}; change it so each key has its own name, or drop one on purpose "
-                "with a key_transforms entry mapping it to null"
+                f"`$.loading_strategy.state_dict_mapping` sends both {both[0]!r} and {both[1]!r} "
+                f"to {new!r}; {fix}"
             )
         source[new], out[new] = key, value
     return out
@@ -191,7 +190,5 @@ def assign(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], groups: 
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, new)
     if left := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
-        raise MetadataError(
-            f"{type(model).__name__} leaves {', '.join(sorted(left))} on the meta device after "
-            "loading; its module must create buffers without device='meta'"
-        )
+        why = "on meta; its module must create buffers without device='meta'"
+        raise MetadataError(f"{type(model).__name__} leaves {', '.join(sorted(left))} {why}")

@@ -119,10 +119,8 @@ def trusted(location: str, meta: Metadata, trust_code: bool) -> None:
     """Raise `UntrustedCodeError` when the model's own module is remote and not trusted."""
     module = meta.loading_strategy.custom_module_file
     if module and local_root(location) is None and not trust_code:
-        raise UntrustedCodeError(
-            f"{join(location, module)} would run as Python code on this machine; "
-            "pass trust_code=True (wmtp CLI: --trust-code) if you trust whoever can write there"
-        )
+        why = "pass trust_code=True (CLI: --trust-code) if you trust whoever can write there"
+        raise UntrustedCodeError(f"{join(location, module)} would run as code here; {why}")
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -133,10 +131,8 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     found = None if dtype is None else getattr(torch, DTYPE_ALIASES.get(name, name), None)
     if dtype is None or (isinstance(found, torch.dtype) and found.is_floating_point):
         return found
-    raise OptionError(
-        f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_ALIASES)}, float32, bfloat16, "
-        "float16, float64, half, double (floating point: integer tensors are never cast)"
-    )
+    words = "float32, bfloat16, float16, float64, half, double: integers are never cast"
+    raise OptionError(f"unknown dtype {dtype!r}; use {', '.join(DTYPE_ALIASES)}, {words}")
 
 
 def parse_device(device: torch.device | str | None) -> torch.device | None:
@@ -163,6 +159,7 @@ def load(
     progress: bool | None = None,
     verify: bool = False,
     config_overrides: Mapping[str, Any] | None = None,
+    parallelize: Callable[[torch.nn.Module], Any] | None = None,
     timings: dict[str, float] | None = None,
 ) -> torch.nn.Module:
     """Load the model at `location` exactly as its `metadata.json` says, in eval mode. Keys,
@@ -179,6 +176,8 @@ def load(
         verify: hash local files against the manifest (downloads are always hashed).
         config_overrides: config settings to change before the model is built, e.g.
             `{"output_hidden_states": True}`; a setting the config lacks is an `OptionError`.
+        parallelize: under torchrun, shards the model built empty (`fully_shard`, a plan...);
+            each rank then fills only its own shards (see `wmtp.shard`).
         timings: a dict to fill with seconds per phase: fetch, map, build, assign.
 
     Raises:
@@ -206,7 +205,13 @@ def load(
     model, groups, keys = plan(location, meta, files, headers, cast, config_overrides)
     marks.append(time.perf_counter())
     tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
-    build.assign(model, {key: tensors[name] for key, name in keys.items()}, groups)
+    named = {key: tensors[name] for key, name in keys.items()}
+    if parallelize is None:
+        build.assign(model, named, groups)
+    else:  # each rank fills its own shards, on the mesh's device
+        from wmtp.shard import fill_shards
+
+        model = fill_shards(model, named, groups, parallelize, place)
     marks.append(time.perf_counter())
     if timings is not None:
         timings |= zip(("fetch", "map", "build", "assign"), map(operator.sub, marks[1:], marks))  # noqa: B905
@@ -224,8 +229,7 @@ def resolve(
     is `role`, when given). Only each candidate's `metadata.json` is read, all at once.
 
     Raises:
-        NoCompatibleModelError: no candidate fits; each one's reason is listed, and a close
-            algorithm name when `algo` looks like a typo.
+        NoCompatibleModelError: none fits (each one's reason, a close name for a typo of `algo`).
         OptionError: `role` is not a known wmtp_type.
 
     Example:
