@@ -6,7 +6,7 @@ of its shards (and of replicated tensors) only, and no collective moves a weight
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from wmtp.build import Groups
@@ -63,13 +63,8 @@ def _fill(
 
     for group in groups:  # parameters take the checkpoint's dtype (or the cast) first, on meta
         have = next((tensors[n] for n in group if n in tensors), None)
-        owner, _, attr = group[0].rpartition(".")
-        old = model.get_submodule(owner)._parameters.get(attr)
-        if have is not None and old is not None and old.dtype != have.dtype:
-            new = torch.nn.Parameter(old.to(have.dtype), old.requires_grad)
-            for name in group:
-                owner, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(owner), attr, new)
+        if (old := _parameter(model, group[0])) is not None and have is not None:
+            _tie(model, group, torch.nn.Parameter(old.to(have.dtype), old.requires_grad))
     real = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
     try:
         parallelize(model)
@@ -82,6 +77,9 @@ def _fill(
     if where.type == "cuda" and where.index is None:
         where = torch.device("cuda", torch.cuda.current_device())  # the rank's own GPU
     model.to_empty(device=where)  # FSDP2 and DTensor keep their structure; storage is local
+    for group in groups:  # a module FSDP does not manage comes out with tied names apart
+        if (first := _parameter(model, group[0])) is not None:
+            _tie(model, [n for n in group if _parameter(model, n) is not first], first)
     with torch.no_grad():
         for name, param in model.named_parameters():  # one name per tied group
             full = tensors.get(name, _first(tensors, groups, name))
@@ -90,6 +88,19 @@ def _fill(
         for name, buffer in model.named_buffers():
             buffer.copy_(tensors[name] if name in tensors else real[name])
     return model
+
+
+def _parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter | None:
+    """The parameter `name` of `model` (None for a buffer)."""
+    owner, _, attr = name.rpartition(".")
+    return model.get_submodule(owner)._parameters.get(attr)
+
+
+def _tie(model: torch.nn.Module, names: Sequence[str], param: torch.nn.Parameter) -> None:
+    """Every one of `names` holds `param`."""
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, param)
 
 
 def _first(tensors: Mapping[str, torch.Tensor], groups: Groups, name: str) -> torch.Tensor:
