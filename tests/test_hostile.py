@@ -471,3 +471,18 @@ def test_a_mapping_that_merges_keys_names_its_json_path(
     builders.edit_metadata(folder, state_dict_mapping={"key_transforms": {".*": "same"}})
     with pytest.raises(wmtp.WeightsError, match=r"`\$.loading_strategy.state_dict_mapping` sends"):
         wmtp.load(str(folder))
+
+
+@pytest.mark.parametrize("form", ["file://./{rel}", "file://{rel}"])
+def test_relative_file_urls_mean_the_relative_folder(
+    form: str, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old configs' `file://./models/x` and `file://models/x`: never `/models/x`."""
+    folder = models["gpt2_reference"]
+    monkeypatch.chdir(folder.parent)
+    model = wmtp.load(form.format(rel=folder.name))
+    files = load_file(folder / "model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], t) for k, t in files.items())
+    with pytest.raises(wmtp.ModelFileError, match=rf"'{folder.parent}/missing' does not exist"):
+        wmtp.load(form.format(rel="missing"))

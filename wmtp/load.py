@@ -176,8 +176,7 @@ def load(
         verify: hash local files against the manifest (downloads are always hashed).
         config_overrides: config settings to change before the model is built, e.g.
             `{"output_hidden_states": True}`; a setting the config lacks is an `OptionError`.
-        parallelize: under torchrun, shards the model built empty (`fully_shard`, a plan...);
-            each rank then fills only its own shards (see `wmtp.shard`).
+        parallelize: shards the model built empty (FSDP2, TP); ranks fill their own shards.
         timings: a dict to fill with seconds per phase: fetch, map, build, assign.
 
     Raises:

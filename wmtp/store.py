@@ -28,9 +28,10 @@ PARALLEL: Final = 8
 def local_root(location: str) -> Path | None:
     """The folder of a local location (a path or `file://` URL), else None."""
     url = urlparse(location)
-    if "://" not in location or url.scheme == "file":
-        path = os.path.expanduser(unquote(url.path) if "://" in location else location)  # noqa: PTH111
-        return Path(path).absolute()  # (os.path keeps an unknown ~user as it is: no error)
+    if "://" not in location or url.scheme == "file":  # file://rel, file://./rel: relative
+        host = "" if url.netloc == "localhost" else url.netloc  # file:///abs, file://localhost/abs
+        path = unquote(host + url.path) if "://" in location else location
+        return Path(os.path.expanduser(path)).absolute()  # noqa: PTH111 (an unknown ~user stays)
     return None
 
 
