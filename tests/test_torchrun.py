@@ -139,3 +139,17 @@ def test_a_failing_parallelize_is_a_metadata_error(models: dict[str, Path]) -> N
 
     with pytest.raises(wmtp.MetadataError, match=r"parallelize\(GPT2LMHeadModel\) failed"):
         wmtp.load(str(models["gpt2_reward"]), parallelize=fails)
+
+
+def test_load_roles_takes_a_parallelize_per_role(models: dict[str, Path]) -> None:
+    """One process: the base model through a (no-op) parallelize, the reward model plainly."""
+    seen: list[str] = []
+    paths = [str(models["mtp"]), str(models["gpt2_reward"])]
+    loaded = wmtp.load_roles(
+        "critic-wmtp", paths, parallelize={"base_model": lambda m: seen.append(type(m).__name__)}
+    )
+    assert seen == ["DistilGPT2MTP"]
+    for role, name in (("base_model", "mtp"), ("reward_model", "gpt2_reward")):
+        state = loaded[role].state_dict()
+        files = load_file(models[name] / "model.safetensors")
+        assert all(torch.equal(state[k], t) for k, t in files.items())

@@ -86,7 +86,9 @@ def load_roles(
     `wmtp.load` takes them. Every model is checked first (keys, shapes and dtypes from the
     safetensors headers), so a mistake in any model is reported before a weight is read,
     and all problems of all models come in one error; then all load at once (remote
-    downloads overlap).
+    downloads overlap). `parallelize` may be one function or a dict role -> function (None:
+    not sharded); sharded models load one after another, so every rank's collectives run in
+    the same order.
 
     Raises:
         WmtpError: the problems of every model that would not load, each named by role;
@@ -100,6 +102,12 @@ def load_roles(
     from wmtp.check import check
 
     chosen = resolve_roles(algo, paths, roles=roles, storage_options=options.get("storage_options"))
+    sharded = options.pop("parallelize", None)  # one function for all, or a dict by role
+
+    def one(role: str) -> torch.nn.Module:
+        how = sharded.get(role) if isinstance(sharded, Mapping) else sharded
+        return load(chosen[role], parallelize=how, **options)
+
     wanted = ("storage_options", "trust_code", "cache_dir", "dtype", "config_overrides")
     checked: dict[str, Any] = {k: options[k] for k in wanted if k in options}
     with ThreadPoolExecutor(len(chosen)) as pool:
@@ -110,5 +118,6 @@ def load_roles(
             error = WmtpError("\n".join(["these models would not load:", *problems]))
             error.problems = tuple(problems)
             raise error
-        models = pool.map(lambda path: load(path, **options), chosen.values())
-        return dict(zip(chosen, models, strict=True))
+        if sharded is not None:  # each rank's collectives in one order: a model at a time
+            return {role: one(role) for role in chosen}
+        return dict(zip(chosen, pool.map(one, chosen), strict=True))
