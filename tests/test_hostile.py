@@ -303,8 +303,8 @@ def test_auto_map_code_is_refused_never_run_nor_asked(
     with pytest.raises(wmtp.MetadataError) as err:
         wmtp.load(str(folder))
     message = str(err.value)
-    assert f"{folder}/config.json (AutoModelForCausalLM)" in message
-    assert "would run 'modeling_evil.Evil'" in message
+    assert message.startswith(f"{folder}/config.json: `$.auto_map` would run")
+    assert "'modeling_evil.Evil' for AutoModelForCausalLM" in message
 
 
 # Class 8: resolve answers at the first fit and gives each failure its own reason.

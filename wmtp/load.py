@@ -17,7 +17,7 @@ import msgspec
 
 from wmtp import build
 from wmtp.build import Groups, Mismatch, compare, remap_state_dict
-from wmtp.errors import OptionError, UntrustedCodeError, WmtpError
+from wmtp.errors import MetadataError, OptionError, UntrustedCodeError, WmtpError
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, WmtpType, read_metadata
 from wmtp.store import StorageOptions, fetch, join, local_root
 from wmtp.weights import DTYPES, Header, checkpoint_names, prefetch, read_header, read_tensors
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 Read = Metadata | str  # a candidate's metadata, or why it could not be read
+Files = Mapping[str, Path]  # a model's files: name -> local path
 DTYPE_ALIASES: Final = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
@@ -38,9 +39,8 @@ class ModelClass(msgspec.Struct, frozen=True):
     problems: tuple[str, ...] = ()
 
 
-def custom_class(location: str, strategy: CustomMTP, files: Mapping[str, Path]) -> ModelClass:
-    """`model_class_name`, a torch module the folder's own module (`custom_module_file`)
-    defines itself (not one it imports)."""
+def custom_class(location: str, strategy: CustomMTP, files: Files, config: Any) -> ModelClass:
+    """`model_class_name`: a torch module class that `custom_module_file` itself defines."""
     from torch.nn import Module
 
     module = build.import_module_file(files[strategy.custom_module_file])
@@ -53,43 +53,42 @@ def custom_class(location: str, strategy: CustomMTP, files: Mapping[str, Path]) 
     return missing_class(location, strategy, module, defined)
 
 
-def auto_class(location: str, strategy: HuggingFace, files: Mapping[str, Path]) -> ModelClass:
-    """The transformers Auto class `transformers_class`; code from `auto_map` never runs."""
+def auto_class(location: str, strategy: HuggingFace, files: Files, config: Any) -> ModelClass:
+    """The Auto class `transformers_class`, its model's module imported; `auto_map` never runs."""
     import transformers
 
     name = strategy.transformers_class
+    if code := (getattr(config, "auto_map", None) or {}).get(name):
+        raise MetadataError(f"{files['config.json']}: `$.auto_map` would run {code!r} for {name}; "
+                            "remove it, or load that code as loader_type custom_mtp")  # fmt: skip
     if name.startswith("AutoModel") and hasattr(transformers, name):
-        auto = getattr(transformers, name)
-
-        def build(config: PretrainedConfig) -> Any:
-            if code := (getattr(config, "auto_map", None) or {}).get(name):  # never run, nor asked
-                raise ValueError(f"`$.auto_map` would run {code!r}: remove it, or use custom_mtp")
-            return auto.from_config(config, trust_remote_code=False)
-
-        return ModelClass(name, build)
+        (auto := getattr(transformers, name))._model_mapping.get(type(config), None)  # import now
+        return ModelClass(name, lambda config: auto.from_config(config, trust_remote_code=False))
     from wmtp.explain import not_auto_class
 
     raise not_auto_class(location, name)
 
 
-Finder = Callable[[str, Any, Mapping[str, Path]], ModelClass]  # location, strategy, files
+Finder = Callable[[str, Any, Files, Any], ModelClass]  # location, strategy, files, config
 LOADERS: Final[dict[LoaderType, Finder]] = {"custom_mtp": custom_class, "huggingface": auto_class}
 
 
 def plan(
     location: str,
     meta: Metadata,
-    files: Mapping[str, Path],
+    files: Files,
     headers: Mapping[str, Header],
     cast: torch.dtype | None = None,
     overrides: Mapping[str, Any] | None = None,
+    tick: Callable[[float], object] = lambda _: None,
 ) -> tuple[torch.nn.Module, Groups, dict[str, str]]:
     """The model built empty (config `overrides` set), its groups of tied names and its key ->
     checkpoint key, once the checkpoint, from its `headers` alone, fits it exactly: keys, shapes,
     dtypes (floating ones one type, or `cast`); else the error listing every problem."""
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
     config = build.read_config(files["config.json"], overrides or {})
-    cls = LOADERS[strategy.loader_type](location, strategy, files)
+    cls = LOADERS[strategy.loader_type](location, strategy, files, config)
+    tick(time.perf_counter())  # config and class in hand: transformers and the model imported
     found = {k: (t.shape, DTYPES[t.dtype]) for h in headers.values() for k, t in h.tensors.items()}
     what, most = f"{files['config.json']} ({cls.name})", 4 * len(found) + 64  # tied: fewer
     model = build.build_empty(cls.build, config, what, most)
@@ -177,7 +176,7 @@ def load(
         config_overrides: config settings to change before the model is built, e.g.
             `{"output_hidden_states": True}`; a setting the config lacks is an `OptionError`.
         parallelize: shards the model built empty (FSDP2, TP); ranks fill their own shards.
-        timings: a dict to fill with seconds per phase: fetch, map, build, assign.
+        timings: a dict to fill with seconds per phase: fetch, map, import, build, assign.
 
     Raises:
         MetadataError: invalid metadata, a class that is missing or fails to build, a corrupt
@@ -188,7 +187,7 @@ def load(
         >>> type(wmtp.load("examples/tiny-mtp", dtype="bf16")).__name__
         'DistilGPT2MTP'
     """
-    marks = [time.perf_counter()]  # and the end of each phase: fetch, map, build, assign
+    marks = [time.perf_counter()]  # and the end of each phase: fetch, map, import, build, assign
     meta = read_metadata(location, storage_options=storage_options)
     cast, place, strategy = parse_dtype(dtype), parse_device(device), meta.loading_strategy
     trusted(location, meta, trust_code)
@@ -201,7 +200,7 @@ def load(
     marks.append(time.perf_counter())
     headers = {n: read_header(files[n], join(location, n)) for n in names}
     marks.append(time.perf_counter())
-    model, groups, keys = plan(location, meta, files, headers, cast, config_overrides)
+    model, groups, keys = plan(location, meta, files, headers, cast, config_overrides, marks.append)
     marks.append(time.perf_counter())
     tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
     named = {key: tensors[name] for key, name in keys.items()}
@@ -213,7 +212,8 @@ def load(
         model = fill_shards(model, named, groups, parallelize, place)
     marks.append(time.perf_counter())
     if timings is not None:
-        timings |= zip(("fetch", "map", "build", "assign"), map(operator.sub, marks[1:], marks))  # noqa: B905
+        phases = ("fetch", "map", "import", "build", "assign")
+        timings |= zip(phases, map(operator.sub, marks[1:], marks), strict=True)
     return model.eval() if place is None else model.eval().to(place)
 
 
