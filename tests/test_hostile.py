@@ -486,3 +486,16 @@ def test_relative_file_urls_mean_the_relative_folder(
     assert all(torch.equal(state[k], t) for k, t in files.items())
     with pytest.raises(wmtp.ModelFileError, match=rf"'{folder.parent}/missing' does not exist"):
         wmtp.load(form.format(rel="missing"))
+
+
+def test_a_config_with_odd_architectures_still_gets_the_fit_report(
+    models: dict[str, Path], copy: Copy
+) -> None:
+    """Found by the fuzzer: the hint code read `architectures` as a list, whatever it held."""
+    folder = copy(models["gpt2_reference"])
+    config = json.loads((folder / "config.json").read_text())
+    builders.write_text(
+        folder, "config.json", json.dumps(config | {"architectures": 5, "n_layer": 1})
+    )
+    with pytest.raises(wmtp.WeightsError, match=r"the checkpoint does not fit GPT2LMHeadModel"):
+        wmtp.load(str(folder))

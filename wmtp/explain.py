@@ -247,7 +247,8 @@ def auto_class_for(architecture: str, model_type: str) -> str | None:
 
 def architecture_hint(config: PretrainedConfig, built: str) -> list[str]:
     """A hint when config.json's `architectures` names another class than the one built."""
-    if not (archs := list(getattr(config, "architectures", None) or [])) or built in archs:
+    archs = getattr(config, "architectures", None)  # whatever config.json holds
+    if not isinstance(archs, list | tuple) or not archs or built in archs:
         return []
     auto = auto_class_for(archs[0], str(getattr(config, "model_type", "")))
     fix = f": set transformers_class to {auto!r}" if auto else ""
