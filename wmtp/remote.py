@@ -1,6 +1,6 @@
 """Remote locations: their stores, configured once from obstore's environment variables and
-`storage_options` (which win), and the cache of their files, crash-safe:
-`<cache>/<location>-<hash>/<version>/<name>`.
+`storage_options` (which win; flat, or per URL prefix), AWS profiles (with boto3: `wmtp[aws]`),
+and the cache of their files, crash-safe: `<cache>/<location>-<hash>/<version>/<name>`.
 
 A file is downloaded once per version (its ETag): ranged GETs of `PART_SIZE` on plain threads
 (obstore's sync calls release the GIL), each pinned to the ETag with If-Match, streamed into a
@@ -12,6 +12,7 @@ temporary files or those of a dead process on the same host.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -62,12 +63,41 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wmtp"
 
 
+def options_for(location: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The flat options of `location`: `storage_options` itself, or, when its keys are URL
+    prefixes (`{"s3://bucket-a/": {...}, "https://host/": {...}}`), the options of the longest
+    one that `location` lies under (none: the environment alone); `OptionError` for a mix."""
+    options = dict(storage_options or {})
+    if not (prefixes := [k for k in options if "://" in k]):
+        return options
+    if flat := sorted(options.keys() - prefixes):
+        raise OptionError(
+            f"storage_options mixes URL prefixes ({', '.join(prefixes)}) with flat keys "
+            f"({', '.join(flat)}); put every option under a prefix, or use no prefix at all"
+        )
+    url = location.rstrip("/")
+    under = [p for p in prefixes if url == p.rstrip("/") or url.startswith(p.rstrip("/") + "/")]
+    if not under:
+        return {}
+    if not isinstance(found := options[prefix := max(under, key=len)], Mapping):
+        raise OptionError(f"storage_options[{prefix!r}] must be a mapping of options")
+    return dict(found)
+
+
 def open_remote(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
     """The obstore store of URL `location`, from obstore's store and client settings
-    (`endpoint`, `region`, `allow_http`, `timeout`...) and `max_retries` (default 5) and
-    `retry_timeout` (s, default 60); `FetchError` when obstore refuses the URL or an option,
-    `OptionError` for a retry option that is not a number."""
-    config: dict[str, Any] = dict(storage_options or {})
+    (`endpoint`, `region`, `allow_http`, `timeout`...), `max_retries` (default 5),
+    `retry_timeout` (s, default 60) and `profile`, flat or per URL prefix (`options_for`);
+    `FetchError` when obstore refuses the URL or an option, `OptionError` for a retry option
+    that is not a number or an AWS profile that gives no credentials.
+
+    S3 credentials come, first found: keys in the options (`access_key_id`...), the options'
+    `profile`, `AWS_ACCESS_KEY_ID` and the rest of obstore's environment, then `$AWS_PROFILE`
+    (as the AWS CLI: `--profile` beats the environment's keys, which beat `$AWS_PROFILE`). A
+    profile is read by boto3 (`pip install "wmtp[aws]"`) from `$AWS_SHARED_CREDENTIALS_FILE`
+    and `$AWS_CONFIG_FILE` (default `~/.aws/credentials`, `~/.aws/config`), with its region
+    unless the options or `AWS_REGION` / `AWS_DEFAULT_REGION` give one."""
+    config: dict[str, Any] = options_for(location, storage_options)
     # obstore reads client settings from the environment only when given no client options.
     prefix = ENV_PREFIXES.get(urlparse(location).scheme, "")
     client = {k: v for k in CLIENT_KEYS if (v := os.environ.get(f"{prefix}{k.upper()}"))}
@@ -82,11 +112,77 @@ def open_remote(location: str, storage_options: StorageOptions | None = None) ->
         raise OptionError(
             f"storage options max_retries and retry_timeout are numbers: {e}"
         ) from None
+    provider = _profile(location, config, prefix == "AWS_")
     with translate(location):
         store: ObjectStore = from_url(
-            location.rstrip("/"), config=config, client_options=client, retry_config=retry
+            location.rstrip("/"),
+            config=config,
+            client_options=client,
+            retry_config=retry,
+            **({"credential_provider": provider} if provider else {}),
         )  # type: ignore[call-overload]
     return store
+
+
+def _profile(location: str, config: dict[str, Any], s3: bool) -> Any:
+    """The credential provider of the AWS profile that applies (see `open_remote`), else None;
+    pops the `profile` option from `config` and adds the profile's region when it has none."""
+    keys = {k.lower().removeprefix("aws_"): k for k in config}
+    chosen, env = config.pop(keys["profile"], None) if "profile" in keys else None, os.environ
+    if chosen and not s3:
+        raise OptionError(f"storage option profile={chosen!r} is for s3:// locations: {location}")
+    unsigned = str(config.get(keys.get("skip_signature", ""), "")).lower() == "true"
+    if not s3 or unsigned or keys.keys() & {"access_key_id", "secret_access_key"}:
+        return None  # the options' own keys win
+    env_keys = env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_SKIP_SIGNATURE", "").lower() == "true"
+    if not (name := chosen or (None if env_keys else env.get("AWS_PROFILE"))):
+        return None
+    how = "storage option profile" if chosen else "AWS_PROFILE"
+    files = [
+        Path(env.get(var) or default).expanduser()
+        for var, default in [
+            ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+            ("AWS_CONFIG_FILE", "~/.aws/config"),
+        ]
+    ]
+    stamps = tuple((str(f), f.stat().st_mtime_ns if f.exists() else None) for f in files)
+    aws_env = tuple(sorted((k, v) for k, v in env.items() if k.startswith("AWS_")))
+    try:
+        provider, region = _boto3_provider(str(name), stamps, aws_env)
+    except ImportError:
+        raise OptionError(
+            f'AWS profile {name!r} ({how}) is read by boto3: pip install "wmtp[aws]"'
+        ) from None
+    except LookupError as e:
+        raise OptionError(
+            f"AWS profile {name!r} ({how}) {e}; searched {files[0]} and {files[1]}"
+        ) from None
+    if region and not keys.keys() & {"region", "default_region"} and not env.get("AWS_REGION"):
+        config["region"] = region
+    return provider
+
+
+@functools.lru_cache(maxsize=16)
+def _boto3_provider(name: str, files: Any, env: Any) -> tuple[Any, str | None]:
+    """The credential provider and region of AWS profile `name`, by boto3, once per state of
+    the files and the AWS_ variables (`files`, `env`: the cache's keys); `LookupError` when
+    boto3 finds no such profile or no credentials in it."""
+    import boto3  # type: ignore[import-untyped]
+    import botocore.session  # type: ignore[import-untyped]
+    from botocore.exceptions import BotoCoreError, ProfileNotFound  # type: ignore[import-untyped]
+    from obstore.auth.boto3 import Boto3CredentialProvider
+
+    try:
+        session = boto3.Session(botocore_session=(core := botocore.session.Session(profile=name)))
+    except ProfileNotFound:
+        known = ", ".join(core.available_profiles) or "none"
+        raise LookupError(f"does not exist (profiles: {known})") from None
+    try:
+        provider = Boto3CredentialProvider(session)
+    except (ValueError, BotoCoreError) as e:
+        raise LookupError(f"gives no credentials ({e})") from None
+    provider.config = {}  # the region goes to the store's config, below the environment's
+    return provider, session.region_name
 
 
 def cached(
@@ -235,7 +331,7 @@ def _complete(path: Path, size: int) -> bool:
 def _folder(location: str, options: StorageOptions | None, meta: Mapping[str, Any]) -> str:
     """`<location>-<hash>/<version>`: readable, unique per endpoint and location, and per
     version of the object (its ETag, version id, or mtime and size)."""
-    options, env = options or {}, os.environ
+    options, env = options_for(location, options), os.environ
     endpoint = options.get("endpoint") or options.get("aws_endpoint") or env.get("AWS_ENDPOINT_URL")
     where = f"{endpoint or env.get('AWS_ENDPOINT') or ''}|{location.rstrip('/')}"
     tag = meta.get("e_tag") or meta.get("version") or f"{meta['last_modified']}-{meta['size']}"

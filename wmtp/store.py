@@ -21,7 +21,7 @@ from wmtp.errors import FetchError, IntegrityError, ModelFileError, StoreAccessE
 if TYPE_CHECKING:
     from wmtp.metadata import FileEntry
 
-StorageOptions = Mapping[str, str]
+StorageOptions = Mapping[str, str] | Mapping[str, Mapping[str, str]]  # flat, or by URL prefix
 PARALLEL: Final = 8
 
 
