@@ -9,17 +9,21 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import obstore
 
-from wmtp.errors import MetadataError, OptionError
+from wmtp.errors import MetadataError, ModelFileError, OptionError
 from wmtp.metadata import CustomMTP, FileEntry, HuggingFace, Metadata, WmtpType
-from wmtp.store import StorageOptions, join, open_store, translate
+from wmtp.store import PARALLEL, StorageOptions, join, local_root, open_store, translate
 
 if TYPE_CHECKING:
     import torch
+    from obstore.store import ObjectStore
+
+# An uploaded file larger than this goes up as a multipart upload of parts this size.
+PART_SIZE: Final = 16 * 2**20
 
 
 def save(
@@ -32,6 +36,7 @@ def save(
     base_architecture: str | None = None,
     transformers_class: str | None = None,
     tokenizer: Any = None,
+    storage_options: StorageOptions | None = None,
 ) -> Metadata:
     """Write `config.json`, `model.safetensors` (tied weights once), the model's module
     file for a custom model, and `metadata.json` (last, with the integrity manifest of
@@ -42,23 +47,52 @@ def save(
     loader (with `transformers_class` found from its architecture unless given);
     any other class for `custom_mtp`, with the file that defines it.
 
+    A URL `load` takes (`s3://`, `gs://`, `az://`, `https://`) is written as a folder in a
+    temporary directory (under `$TMPDIR`) first, then uploaded file by file: a file over
+    `PART_SIZE` as a multipart upload, `PARALLEL` parts at once, aborted if it fails, and
+    `metadata.json` last, so a reader never loads a half-uploaded model: an interrupted save
+    leaves no `metadata.json`, or the previous one (whose manifest refuses a replaced file).
+
     Args:
         model: the model; it must carry a transformers config as `model.config`.
-        dest: the folder to write (created if needed).
+        dest: the folder (created if needed) or URL to write.
         wmtp_type, algorithm_compatibility, training_algorithm, base_architecture:
             written into the metadata as given.
         transformers_class: the Auto class for a transformers model.
         tokenizer: a transformers tokenizer (anything with `save_pretrained`), or None.
+        storage_options: obstore configuration for a URL, as for `wmtp.load`.
 
     Raises:
         MetadataError: the model has no `config`, or no Auto class builds it.
-        OptionError: `tokenizer` has no `save_pretrained`.
+        OptionError: `tokenizer` has no `save_pretrained`, or a storage option is invalid.
+        FetchError: an upload failed (after the retries); it names the file's URL and cause.
+        StoreAccessError: the store refused the credentials.
+        ModelFileError: the store has no such bucket (container).
 
     Example:
         >>> save(model, "out/mtp", wmtp_type="base_model", algorithm_compatibility=["baseline-mtp"])
+        >>> save(model, "s3://bucket/models/mtp-step-1000", wmtp_type="base_model",
+        ...      algorithm_compatibility=["baseline-mtp"], storage_options={"region": "us-east-1"})
     """
     from safetensors.torch import save_model
 
+    location = os.fspath(dest)
+    if (root := local_root(location)) is None:
+        store = open_store(location, storage_options)  # a bad URL or option fails before work
+        with tempfile.TemporaryDirectory(prefix="wmtp-save-") as staging:
+            meta = save(
+                model,
+                staging,
+                wmtp_type=wmtp_type,
+                algorithm_compatibility=algorithm_compatibility,
+                training_algorithm=training_algorithm,
+                base_architecture=base_architecture,
+                transformers_class=transformers_class,
+                tokenizer=tokenizer,
+            )
+            for name in [*(meta.files or {}), "metadata.json"]:
+                _upload(store, location, Path(staging), name)
+        return meta
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise MetadataError(
@@ -69,7 +103,7 @@ def save(
     cls = type(model)
     config = copy.deepcopy(config)
     config.architectures = [cls.__name__]
-    folder = Path(dest)
+    folder = root if "://" in location else Path(location)  # a path as given, `~` and all
     folder.mkdir(parents=True, exist_ok=True)
     files = ["config.json", "model.safetensors"]
     if cls.__module__.startswith("transformers."):
@@ -118,6 +152,17 @@ def _save_tokenizer(tokenizer: Any, folder: Path) -> tuple[str, ...]:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             Path(tmp, name).replace(folder / name)
     return tuple(names)
+
+
+def _upload(store: ObjectStore, location: str, folder: Path, name: str) -> None:
+    """Put `folder/name` at `location`; obstore sends a file over `PART_SIZE` in parts, `PARALLEL`
+    at once, and aborts the multipart upload when a part or its completion fails."""
+    url = join(location, name)
+    try:
+        with translate(url):
+            obstore.put(store, name, folder / name, chunk_size=PART_SIZE, max_concurrency=PARALLEL)
+    except ModelFileError:  # the store answered "not found" to a PUT
+        raise ModelFileError(f"{url} cannot be written: not found (no such bucket?)") from None
 
 
 def _write(path: Path, data: bytes) -> None:
