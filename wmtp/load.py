@@ -179,9 +179,9 @@ def load(
         timings: a dict to fill with seconds per phase: fetch, map, import, build, assign.
 
     Raises:
-        MetadataError: invalid metadata, a class that is missing or fails to build, a corrupt
-            safetensors file, a bad dtype; WeightsError: keys or shapes that do not fit;
-            ModelFileError, UntrustedCodeError, IntegrityError, StoreAccessError, FetchError.
+        MetadataError: bad metadata, class (missing, failing to build) or safetensors file;
+            OptionError: a bad dtype, device or override; WeightsError: keys, shapes or dtypes
+            that do not fit; ModelFileError, UntrustedCodeError, IntegrityError, FetchError...
 
     Example:
         >>> type(wmtp.load("examples/tiny-mtp", dtype="bf16")).__name__
