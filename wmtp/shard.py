@@ -28,9 +28,17 @@ def fill_shards(
     Every rank of the default process group then agrees: when one failed, all raise (after the
     process group's timeout at most, if a rank never arrives), naming that rank and its error.
 
+    Args:
+        model: built by `wmtp.load.plan`; tensors: its full tensors by model key (mapped);
+        groups: its tied names; parallelize: the user's function; device: None, the mesh's.
+
     Raises:
         OptionError: a mesh on another device than `device`. MetadataError: `parallelize`
-            failed, or left a parameter without a tensor of the checkpoint.
+            failed, or left a parameter without a tensor of the checkpoint. WmtpError: another
+            rank failed.
+
+    Example (what `wmtp.load(location, parallelize=fn)` does after its checks):
+        >>> model = fill_shards(model, tensors, groups, fn, torch.device("cuda", local_rank))
     """
     import torch.distributed as dist
 
