@@ -15,7 +15,8 @@ from typing import Any
 import msgspec
 import obstore
 
-from wmtp.errors import IntegrityError, ModelFileError, WmtpError
+from wmtp.errors import IntegrityError, WmtpError
+from wmtp.explain import missing_files
 from wmtp.load import parse_dtype, plan, trusted
 from wmtp.metadata import SAFETENSORS, FileEntry, Metadata, read_metadata
 from wmtp.store import (
@@ -120,11 +121,8 @@ def plan_from_headers(
 
 def require(location: str, found: dict[str, Any]) -> dict[str, Any]:
     """`found` (from `heads`), or `ModelFileError` naming every missing file at once."""
-    if missing := [name for name, meta in found.items() if meta is None]:
-        raise ModelFileError(
-            f"required file(s) {', '.join(map(repr, missing))} not found at {location}; "
-            "add them there, or remove them from loading_strategy.required_files"
-        )
+    if None in found.values():
+        raise missing_files(location, found)
     return found
 
 

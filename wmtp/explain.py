@@ -70,6 +70,15 @@ def metadata_error(message: str, source: str) -> MetadataError:
     return MetadataError(f"{source}: {readable(message)}")
 
 
+def missing_files(location: str, found: Mapping[str, Any]) -> ModelFileError:
+    """The error naming every required file that `found` (from `heads`) lacks, at once."""
+    missing = ", ".join(repr(name) for name, meta in found.items() if meta is None)
+    return ModelFileError(
+        f"required file(s) {missing} not found at {location}; "
+        "add them there, or remove them from loading_strategy.required_files"
+    )
+
+
 def no_metadata(error: ModelFileError) -> ModelFileError:
     """`error`, and when metadata.json is missing, an example of the file to write."""
     if not str(error).endswith("metadata.json does not exist"):

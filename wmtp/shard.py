@@ -71,7 +71,8 @@ def _fill(
 
     for group in groups:  # parameters take the checkpoint's dtype (or the cast) first, on meta
         have = next((tensors[n] for n in group if n in tensors), None)
-        if (old := _parameter(model, group[0])) is not None and have is not None:
+        old = _parameter(model, group[0])
+        if old is not None and have is not None and old.dtype != have.dtype:
             _tie(model, group, torch.nn.Parameter(old.to(have.dtype), old.requires_grad))
     real = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
     try:

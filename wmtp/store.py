@@ -105,12 +105,10 @@ def fetch(
     remote; options as for `wmtp.load`. Sizes are checked against the `manifest`, hashes too
     for downloads (and with `verify`). Raises `ModelFileError` naming every missing file."""
     manifest = manifest or {}
-    found = heads(location, files, storage_options)
-    if missing := [name for name, meta in found.items() if meta is None]:
-        raise ModelFileError(
-            f"required file(s) {', '.join(map(repr, missing))} not found at {location}; "
-            "add them there, or remove them from loading_strategy.required_files"
-        )
+    if None in (found := heads(location, files, storage_options)).values():
+        from wmtp.explain import missing_files
+
+        raise missing_files(location, found)
     for name, meta in found.items():
         check_size(location, name, manifest, int(meta["size"]))
     if (root := local_root(location)) is None:
@@ -121,7 +119,7 @@ def fetch(
         from wmtp.remote import check_hashes
 
         check_hashes(location, {name: root / name for name in files}, manifest)
-    return {name: regular(root / name) for name in files}
+    return {name: root / name for name in files}  # `heads` refused what is not a regular file
 
 
 def check_size(location: str, name: str, manifest: Mapping[str, FileEntry], size: int) -> None:
