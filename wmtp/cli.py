@@ -151,11 +151,11 @@ def _resolve_args(p: argparse.ArgumentParser) -> None:
 
 def _resolve(args: argparse.Namespace) -> Result:
     from wmtp.load import read_all, why_not
-    from wmtp.roles import resolve_roles
+    from wmtp.roles import choose_roles, roles_of
 
-    options = _storage_options(args)
-    chosen = resolve_roles(args.algo, args.locations, roles=args.role, storage_options=options)
-    found = dict(read_all(args.locations, options))  # each read once more: small files
+    options, needed = _storage_options(args), roles_of(args.algo, args.role)
+    found = dict(read_all(args.locations, options))  # all read: the others' reasons are printed
+    chosen = choose_roles(args.algo, needed, found.items())
     later = "also serves it, but comes later in the order"
     return {
         "algo": args.algo,

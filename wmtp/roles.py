@@ -4,7 +4,7 @@ from candidate folders by their metadata, checked together, then loaded together
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, get_args
@@ -66,8 +66,16 @@ def resolve_roles(
         >>> resolve_roles("critic-wmtp", ["models/mtp", "models/rm"])
         {'base_model': 'models/mtp', 'reward_model': 'models/rm'}
     """
-    needed, chosen, seen = roles_of(algo, roles), dict[str, str](), dict[str, Read]()
-    for path, meta in read_all(paths, storage_options):
+    return choose_roles(algo, roles_of(algo, roles), read_all(paths, storage_options))
+
+
+def choose_roles(
+    algo: str, needed: Sequence[str], found: Iterable[tuple[str, Read]]
+) -> dict[str, str]:
+    """`resolve_roles` over candidates already read (`wmtp.load.read_all`), stopping as soon as
+    every role in `needed` has one; `NoCompatibleModelError` naming the unserved roles."""
+    chosen, seen = dict[str, str](), dict[str, Read]()
+    for path, meta in found:
         seen[path] = meta
         chosen |= {r: path for r in needed if r not in chosen and why_not(meta, algo, r) is None}
         if len(chosen) == len(needed):
