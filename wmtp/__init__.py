@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from wmtp.errors import (
     FetchError, IntegrityError, MetadataError, ModelFileError, NoCompatibleModelError,
-    OptionError, StoreAccessError, UntrustedCodeError, WeightsError, WmtpError,
+    OptionError, PackageError, StoreAccessError, UntrustedCodeError, WeightsError, WmtpError,
 )  # fmt: skip
 from wmtp.build import remap_state_dict
 from wmtp.load import LOADERS, load, resolve
 from wmtp.metadata import LoadingStrategy, Metadata, StateDictMapping, decode_metadata
-from wmtp.metadata import read_metadata
+from wmtp.store import read_metadata
 from wmtp.save import save
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [  # noqa: RUF022
     "LOADERS", "FetchError", "IntegrityError", "LoadingStrategy", "Metadata", "MetadataError",
-    "ModelFileError", "NoCompatibleModelError", "OptionError", "StateDictMapping",
+    "ModelFileError", "NoCompatibleModelError", "OptionError", "PackageError", "StateDictMapping",
     "StoreAccessError", "UntrustedCodeError", "WeightsError", "WmtpError", "cache_root",
     "decode_metadata", "load", "read_metadata", "remap_state_dict", "resolve", "save",
     "ALGORITHM_ROLES", "load_roles", "load_tokenizer", "resolve_roles",

@@ -39,6 +39,14 @@ class Mismatch(msgspec.Struct, frozen=True):
     misshapen: tuple[tuple[str, Sig, Sig], ...] = ()  # key, checkpoint's, model's (shape, dtype)
 
 
+class ModelClass(msgspec.Struct, frozen=True):
+    """What builds the model, its name, and problems to report with the checkpoint's."""
+
+    name: str
+    build: Callable[[PretrainedConfig], torch.nn.Module]
+    problems: tuple[str, ...] = ()
+
+
 def remap_state_dict(state_dict: Mapping[str, V], mapping: StateDictMapping) -> dict[str, V]:
     """A new dict with every key renamed by `mapping`; the values (tensors, or shapes for a
     check from headers) are the same objects. Each key loses `remove_prefix` where it has it,
@@ -100,7 +108,9 @@ def compare(expected: Mapping[str, Sig], groups: Groups, found: Mapping[str, Sig
     return Mismatch(tuple(sorted(missing)), tuple(sorted(unexpected)), tuple(sorted(misshapen)))
 
 
-_LOCK = threading.Lock()  # the patches are process-wide: one build at a time, its thread only
+# The patches are process-wide: one build at a time, its thread only. transformers' lazy
+# imports are not thread-safe either: the config and class are found under it too.
+LOCK = threading.Lock()
 _FILLS = ("normal_", "uniform_", "fill_", "zero_")  # init fills: slow on meta, and pointless
 
 
@@ -109,7 +119,7 @@ def build_empty(cls: Callable[[Any], Module], config: Any, what: str, most: int)
     parameters (an absurd config.json), is a `MetadataError` naming `what` (cause chained)."""
     import torch
 
-    with _LOCK:
+    with LOCK:
         register, me, made = torch.nn.Module.register_parameter, threading.get_ident(), count(1)
         fills = {name: getattr(torch.Tensor, name) for name in _FILLS}
 
@@ -133,10 +143,13 @@ def build_empty(cls: Callable[[Any], Module], config: Any, what: str, most: int)
                 setattr(torch.Tensor, name, fill)
 
 
-def read_config(path: Path, overrides: Mapping[str, Any]) -> PretrainedConfig:
+def read_config(
+    path: Path, overrides: Mapping[str, Any]
+) -> tuple[PretrainedConfig, dict[str, Any]]:
     """The transformers config of `config.json`, by its `model_type`, with `overrides` set
-    (each a setting the config has: a typo is an error); else `MetadataError`."""
-    from transformers import CONFIG_MAPPING
+    (each a setting the config has: a typo is an error), and the values they replaced;
+    else `MetadataError`."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
         data = msgspec.json.decode(read_local(path), type=dict[str, Any])
@@ -148,15 +161,15 @@ def read_config(path: Path, overrides: Mapping[str, Any]) -> PretrainedConfig:
             'to the architecture the model builds on (e.g. "gpt2", "llama")'
         )
     try:
-        known = {*data, *(cls := CONFIG_MAPPING[str(kind)])().to_dict()}
+        known = {**(cls := CONFIG_MAPPING[str(kind)])().to_dict(), **data}
         config: PretrainedConfig = cls.from_dict(data | dict(overrides))
     except Exception as e:  # transformers' validation errors share no base class
         raise MetadataError(f"{path}: transformers refuses this {kind} config: {e}") from e
     if unknown := sorted(overrides.keys() - known):
-        from wmtp.explain import unknown_settings
+        from wmtp.hints import unknown_settings
 
         raise unknown_settings(path, unknown, known)
-    return config
+    return config, {key: known[key] for key in overrides}
 
 
 def import_module_file(path: Path) -> ModuleType:

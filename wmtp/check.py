@@ -5,6 +5,7 @@ Both compose the functions `load` is made of, stopping before any weight byte is
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections import Counter
@@ -16,19 +17,11 @@ import msgspec
 import obstore
 
 from wmtp.errors import IntegrityError, WmtpError
-from wmtp.explain import missing_files
+from wmtp.hints import missing_files
 from wmtp.load import parse_dtype, plan, trusted
-from wmtp.metadata import SAFETENSORS, FileEntry, Metadata, read_metadata
-from wmtp.store import (
-    StorageOptions,
-    check_size,
-    fetch,
-    heads,
-    join,
-    local_root,
-    open_store,
-    translate,
-)
+from wmtp.location import StorageOptions, join, local_root, translate
+from wmtp.metadata import SAFETENSORS, FileEntry, Metadata
+from wmtp.store import check_size, fetch, heads, open_store, read_metadata
 from wmtp.weights import Header, checkpoint_names, read_header
 
 
@@ -43,7 +36,7 @@ class CheckReport(msgspec.Struct, frozen=True):
 
 
 def check(
-    location: str,
+    location: str | os.PathLike[str],
     *,
     storage_options: StorageOptions | None = None,
     trust_code: bool = False,
@@ -73,7 +66,7 @@ def check(
         >>> check("models/distilgpt2-mtp").problems
         ("… model_class_name 'GPTMTPForCausalLM' is not defined in modeling.py …",)
     """
-    start, problems, model = time.perf_counter(), [], None
+    start, problems, model, location = time.perf_counter(), [], None, os.fspath(location)
     options: dict[str, Any] = {"storage_options": storage_options, "cache_dir": cache_dir}
     meta: Metadata | None = None
     try:
@@ -163,7 +156,10 @@ def _manifest_problems(
 
 
 def inspect_model(
-    location: str, *, storage_options: StorageOptions | None = None, cache_dir: str | None = None
+    location: str | os.PathLike[str],
+    *,
+    storage_options: StorageOptions | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Metadata, required files with sizes, and tensor counts, dtypes and bytes from the
     safetensors headers alone; reads no weights.
@@ -172,7 +168,7 @@ def inspect_model(
         >>> inspect_model("examples/tiny-mtp")["tensors"]
         {'count': 31, 'dtypes': {'F32': 31}, 'bytes': 241152}
     """
-    meta = read_metadata(location, storage_options=storage_options)
+    meta = read_metadata(location := os.fspath(location), storage_options=storage_options)
     required = meta.loading_strategy.required_files
     indexes = [n for n in required if not n.endswith(SAFETENSORS) and n.endswith(".json")]
     files = fetch(

@@ -28,6 +28,10 @@ class WeightsError(WmtpError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PackageError(WmtpError, ImportError):
+    """A package the model needs is missing or does not import."""
+
+
 class NoCompatibleModelError(WmtpError, LookupError):
     """`resolve` found no candidate that serves the algorithm."""
 

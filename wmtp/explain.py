@@ -1,4 +1,5 @@
-"""Why a model does not load, and how to fix it: imported only when something is wrong.
+"""Why a checkpoint does not fit its model, or no candidate serves an algorithm, and how to fix
+it: imported only when a load fails. It takes what it explains as arguments.
 
 Every explanation is tried before it is offered: a key-mapping fix is applied to the
 checkpoint's keys and kept only when every key then fits.
@@ -10,93 +11,20 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final, get_args
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from wmtp.build import Groups, Mismatch, Sig, compare, remap_state_dict
-from wmtp.errors import (
-    MetadataError,
-    ModelFileError,
-    NoCompatibleModelError,
-    OptionError,
-    WeightsError,
-)
-from wmtp.load import ModelClass, why_not
-from wmtp.metadata import CustomMTP, LoaderType, Metadata, StateDictMapping, WmtpType
-from wmtp.store import join
+from wmtp.build import Groups, Mismatch, ModelClass, Sig, compare, remap_state_dict
+from wmtp.errors import MetadataError, NoCompatibleModelError, WeightsError
+from wmtp.location import join
+from wmtp.metadata import CustomMTP, Metadata, StateDictMapping, why_not
 from wmtp.weights import Header
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-EXAMPLE_STRATEGY: Final = """\
-  "loading_strategy": {
-    "loader_type": "huggingface",
-    "transformers_class": "AutoModelForCausalLM",
-    "state_dict_mapping": {"remove_prefix": null, "add_prefix": null, "key_transforms": {}},
-    "required_files": ["config.json", "model.safetensors"]
-  },
-  "algorithm_compatibility": ["rho1-wmtp"]"""
-EXAMPLE_METADATA: Final = (
-    "it says how to load the model, e.g.\n"
-    f'{{\n  "wmtp_type": "reference_model",\n  "storage_version": "2.0",\n{EXAMPLE_STRATEGY}\n}}'
-)
-# What to add to msgspec's message when it names this field (or says this).
-_HINTS: Final = {
-    "loader_type`": f"expected one of {', '.join(map(repr, get_args(LoaderType)))}",
-    "wmtp_type`": f"expected one of {', '.join(map(repr, get_args(WmtpType)))}",
-    "model_class_name`": 'custom_mtp needs it, e.g. "model_class_name": "DistilGPT2MTP"',
-    "custom_module_file`": 'custom_mtp needs the module defining it, e.g. "modeling.py"',
-    "transformers_class`": 'huggingface needs it, e.g. "AutoModelForCausalLM"',
-    "matching regex": "name files relative to the model folder, without '..' or '.' parts, "
-    "a leading '/', '//', '\\' or ':' (a module file ends in .py)",
-}
-
-
-def metadata_error(message: str, source: str) -> MetadataError:
-    """msgspec's `message` about the metadata at `source`, with what to write instead."""
-    message += "" if " - at `" in message else " - at `$`"  # msgspec leaves out the root
-    if "missing required field `loading_strategy`" in message:
-        return MetadataError(
-            f"{source} has no `loading_strategy`, so there is no way to know how to load this "
-            f"model (wmtp never guesses from the files present). Add one, for example:\n"
-            f"{EXAMPLE_STRATEGY}\nwith loader_type `custom_mtp` (plus model_class_name and "
-            "custom_module_file) for a model defined in the folder's own module."
-        )
-    return MetadataError(f"{source}: {readable(message)}")
-
-
-def missing_files(location: str, found: Mapping[str, Any]) -> ModelFileError:
-    """The error naming every required file that `found` (from `heads`) lacks, at once."""
-    missing = ", ".join(repr(name) for name, meta in found.items() if meta is None)
-    return ModelFileError(
-        f"required file(s) {missing} not found at {location}; "
-        "add them there, or remove them from loading_strategy.required_files"
-    )
-
-
-def no_metadata(error: ModelFileError) -> ModelFileError:
-    """`error`, and when metadata.json is missing, an example of the file to write."""
-    if not str(error).endswith("metadata.json does not exist"):
-        return error  # the folder is missing, or the file is not a file
-    return ModelFileError(f"{error}: every model folder needs a metadata.json; {EXAMPLE_METADATA}")
-
-
-def unknown_settings(path: Path, unknown: Sequence[str], known: Iterable[str]) -> OptionError:
-    """The error for config overrides the config does not have, with the closest names."""
-    close = {k: difflib.get_close_matches(k, list(known), n=3) for k in unknown}
-    hints = [f"{k!r} (closest: {', '.join(c) or 'none'})" for k, c in close.items()]
-    return OptionError(f"{path} has no setting {'; '.join(hints)}: check config_overrides")
-
-
-def readable(message: str) -> str:
-    """msgspec's `message` with the path rule in words, and the allowed values or an example."""
-    hints = [hint for words, hint in _HINTS.items() if words in message]
-    return "; ".join([re.sub(r"matching regex '.*' -", "that is a path -", message), *hints])
 
 
 def refusal(

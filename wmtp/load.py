@@ -13,30 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, get_args
 
-import msgspec
-
 from wmtp import build
-from wmtp.build import Groups, Mismatch, compare, remap_state_dict
+from wmtp.build import Groups, Mismatch, ModelClass, compare, remap_state_dict
 from wmtp.errors import MetadataError, OptionError, UntrustedCodeError, WmtpError
-from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, WmtpType, read_metadata
-from wmtp.store import StorageOptions, fetch, join, local_root
+from wmtp.location import StorageOptions, join, local_root
+from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, WmtpType, why_not
+from wmtp.store import fetch, read_metadata
 from wmtp.weights import DTYPES, Header, checkpoint_names, prefetch, read_header, read_tensors
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PretrainedConfig
 
 Read = Metadata | str  # a candidate's metadata, or why it could not be read
+Location = str | os.PathLike[str]  # a folder or URL
 Files = Mapping[str, Path]  # a model's files: name -> local path
 DTYPE_ALIASES: Final = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
-
-
-class ModelClass(msgspec.Struct, frozen=True):
-    """What builds the model, its name, and problems to report with the checkpoint's."""
-
-    name: str
-    build: Callable[[PretrainedConfig], torch.nn.Module]
-    problems: tuple[str, ...] = ()
 
 
 def custom_class(location: str, strategy: CustomMTP, files: Files, config: Any) -> ModelClass:
@@ -86,12 +77,19 @@ def plan(
     checkpoint key, once the checkpoint, from its `headers` alone, fits it exactly: keys, shapes,
     dtypes (floating ones one type, or `cast`); else the error listing every problem."""
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
-    config = build.read_config(files["config.json"], overrides or {})
-    cls = LOADERS[strategy.loader_type](location, strategy, files, config)
+    with build.LOCK:
+        try:
+            config, replaced = build.read_config(files["config.json"], overrides or {})
+            cls = LOADERS[strategy.loader_type](location, strategy, files, config)
+        except ImportError as e:  # the model's own module is a MetadataError: this is a package
+            from wmtp.hints import package_error
+
+            raise package_error(source, e) from e
     tick(time.perf_counter())  # config and class in hand: transformers and the model imported
     found = {k: (t.shape, DTYPES[t.dtype]) for h in headers.values() for k, t in h.tensors.items()}
     what, most = f"{files['config.json']} ({cls.name})", 4 * len(found) + 64  # tied: fewer
     model = build.build_empty(cls.build, config, what, most)
+    vars(model)["wmtp_replaced_config"] = replaced  # `wmtp.save` writes these back
     if len(found) < sum(len(h.tensors) for h in headers.values()):  # the last would win
         from wmtp.explain import stored_twice
 
@@ -148,7 +146,7 @@ def parse_device(device: torch.device | str | None) -> torch.device | None:
 
 
 def load(
-    location: str,
+    location: Location,
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
@@ -188,7 +186,7 @@ def load(
         'DistilGPT2MTP'
     """
     marks = [time.perf_counter()]  # and the end of each phase: fetch, map, import, build, assign
-    meta = read_metadata(location, storage_options=storage_options)
+    meta = read_metadata(location := os.fspath(location), storage_options=storage_options)
     cast, place, strategy = parse_dtype(dtype), parse_device(device), meta.loading_strategy
     trusted(location, meta, trust_code)
     options: dict[str, Any] = {"storage_options": storage_options, "cache_dir": cache_dir}
@@ -219,7 +217,7 @@ def load(
 
 def resolve(
     algo: str,
-    paths: Sequence[str],
+    paths: Sequence[Location],
     *,
     role: WmtpType | None = None,
     storage_options: StorageOptions | None = None,
@@ -246,11 +244,13 @@ def resolve(
     raise no_candidate(seen, algo, role)
 
 
-def read_all(paths: Sequence[str], options: StorageOptions | None) -> Iterator[tuple[str, Read]]:
+def read_all(
+    paths: Sequence[Location], options: StorageOptions | None
+) -> Iterator[tuple[str, Read]]:
     """Each path's metadata, or why it cannot be read (each failure its own reason), in order
     as soon as known. All are read at once; a caller may stop at its answer."""
 
-    def read(path: str) -> Read:
+    def read(path: Location) -> Read:
         try:
             return read_metadata(path, storage_options=options)
         except WmtpError as e:
@@ -259,16 +259,4 @@ def read_all(paths: Sequence[str], options: StorageOptions | None) -> Iterator[t
     pool = ThreadPoolExecutor(max(1, min(16, len(paths))))
     futures = [pool.submit(read, path) for path in paths]
     pool.shutdown(wait=False)  # no wait for the rest; a stalled read times out
-    return ((path, future.result()) for path, future in zip(paths, futures, strict=True))
-
-
-def why_not(meta: Read, algo: str, role: str | None) -> str | None:
-    """Why a candidate (its metadata, from `read_all`) does not serve `algo` as `role` (any
-    role when None); None when it does."""
-    if isinstance(meta, str):
-        return meta
-    if algo not in (served := meta.algorithm_compatibility):
-        return f"algorithm_compatibility is {list(served)}"
-    if role is not None and (kind := meta.wmtp_type) != role:
-        return f"serves {algo} but wmtp_type is {kind!r}, not {role!r}"
-    return None
+    return ((os.fspath(p), future.result()) for p, future in zip(paths, futures, strict=True))

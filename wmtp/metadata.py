@@ -6,8 +6,7 @@ from typing import Annotated, ClassVar, Final, Literal
 
 import msgspec
 
-from wmtp.errors import MetadataError, ModelFileError
-from wmtp.store import StorageOptions, join, read_file
+from wmtp.errors import MetadataError
 
 LoaderType = Literal["custom_mtp", "huggingface"]
 WmtpType = Literal["base_model", "reference_model", "reward_model"]
@@ -123,28 +122,20 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
     try:
         return _decode(data)
     except msgspec.ValidationError as e:
-        from wmtp.explain import metadata_error
+        from wmtp.hints import metadata_error
 
         raise metadata_error(str(e), source) from None
     except msgspec.DecodeError as e:
         raise MetadataError(f"{source}: not valid JSON: {e}") from None
 
 
-def read_metadata(location: str, *, storage_options: StorageOptions | None = None) -> Metadata:
-    """The decoded `metadata.json` of the model at `location` (a folder or URL).
-
-    Raises:
-        ModelFileError: the location or its metadata.json does not exist.
-        MetadataError: the file does not decode or validate (see `decode_metadata`).
-
-    Example:
-        >>> read_metadata("examples/tiny-mtp").algorithm_compatibility
-        ('baseline-mtp', 'critic-wmtp', 'rho1-wmtp')
-    """
-    try:
-        data = read_file(location, "metadata.json", storage_options)
-    except ModelFileError as e:
-        from wmtp.explain import no_metadata
-
-        raise no_metadata(e) from None
-    return decode_metadata(data, source=join(location, "metadata.json"))
+def why_not(meta: Metadata | str, algo: str, role: str | None) -> str | None:
+    """Why a candidate (its metadata, or why it could not be read) does not serve `algo` as
+    `role` (any role when None); None when it does."""
+    if isinstance(meta, str):
+        return meta
+    if algo not in (served := meta.algorithm_compatibility):
+        return f"algorithm_compatibility is {list(served)}"
+    if role is not None and (kind := meta.wmtp_type) != role:
+        return f"serves {algo} but wmtp_type is {kind!r}, not {role!r}"
+    return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,7 @@ import obstore
 from wmtp.check import plan_from_headers
 from wmtp.errors import MetadataError, ModelFileError, WeightsError
 from wmtp.explain import auto_class_for
+from wmtp.location import StorageOptions, join, local_root, translate
 from wmtp.metadata import (
     INDEX,
     CustomMTP,
@@ -32,7 +34,7 @@ from wmtp.metadata import (
     WmtpType,
 )
 from wmtp.save import encode_metadata, file_manifest
-from wmtp.store import StorageOptions, fetch, join, local_root, open_store, read_file, translate
+from wmtp.store import fetch, open_store, read_file
 from wmtp.weights import checkpoint_names
 
 # Descriptive fields an old metadata.json may already carry: every schema field but those
@@ -67,7 +69,7 @@ def migration_diff(migration: Migration) -> str:
 
 
 def migrate(
-    location: str,
+    location: str | os.PathLike[str],
     *,
     wmtp_type: WmtpType | None = None,
     algorithms: Sequence[str] = (),
@@ -92,7 +94,7 @@ def migrate(
     Example:
         >>> print(migration_diff(migrate("old/distilgpt2", algorithms=["rho1-wmtp"])))
     """
-    names = _top_level_names(location, storage_options)
+    names = _top_level_names(location := os.fspath(location), storage_options)
     old_text = (
         _read_text(location, "metadata.json", storage_options) if "metadata.json" in names else None
     )

@@ -32,8 +32,8 @@ from obstore.store import ObjectStore, from_url
 from tqdm import tqdm
 
 from wmtp.errors import FetchError, IntegrityError, OptionError
+from wmtp.location import PARALLEL, StorageOptions, join, translate
 from wmtp.metadata import FileEntry
-from wmtp.store import PARALLEL, StorageOptions, join, translate
 
 # obstore's HTTP client settings go to `client_options`, not to the store's config, where
 # obstore panics on them.

@@ -4,15 +4,16 @@ from candidate folders by their metadata, checked together, then loaded together
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, get_args
 
 from wmtp.errors import NoCompatibleModelError, OptionError, WmtpError
-from wmtp.load import Read, load, read_all, why_not
-from wmtp.metadata import WmtpType
-from wmtp.store import StorageOptions
+from wmtp.load import Location, Read, load, read_all
+from wmtp.location import StorageOptions
+from wmtp.metadata import WmtpType, why_not
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +44,7 @@ def roles_of(algo: str, roles: Sequence[str] | None = None) -> tuple[str, ...]:
 
 def resolve_roles(
     algo: str,
-    paths: Sequence[str],
+    paths: Sequence[Location],
     *,
     roles: Sequence[str] | None = None,
     storage_options: StorageOptions | None = None,
@@ -88,44 +89,73 @@ def choose_roles(
 
 
 def load_roles(
-    algo: str, paths: Sequence[str], *, roles: Sequence[str] | None = None, **options: Any
+    algo: str, paths: Sequence[Location], *, roles: Sequence[str] | None = None, **options: Any
 ) -> dict[str, torch.nn.Module]:
     """The models of `resolve_roles(algo, paths)`, by role, loaded with `options` as
-    `wmtp.load` takes them. Every model is checked first (keys, shapes and dtypes from the
-    safetensors headers), so a mistake in any model is reported before a weight is read,
-    and all problems of all models come in one error; then all load at once (remote
-    downloads overlap). `parallelize` may be one function or a dict role -> function (None:
-    not sharded); sharded models load one after another, so every rank's collectives run in
-    the same order.
+    `wmtp.load` takes them. Every option but `storage_options` takes one value for every
+    model or a dict role -> value (a role left out gets `load`'s default), e.g.
+    `dtype={"reference_model": "bf16"}` puts a bf16 reference model beside an fp32 base.
+
+    Every model is checked first (keys, shapes and dtypes from the safetensors headers), so a
+    mistake in any model is reported before a weight is read, and all problems of all models
+    come in one error; then all load at once (remote downloads overlap). Sharded models
+    (`parallelize`) load one after another, so every rank's collectives run in one order.
+
+    What a trainer expects: the base model comes back trainable (`requires_grad` as its class
+    built it), the reference and reward models frozen (`requires_grad=False`); all in eval
+    mode, as `wmtp.load` returns them (call `.train()` on the one you train).
 
     Raises:
-        WmtpError: the problems of every model that would not load, each named by role;
-            as `resolve_roles` and `wmtp.load` otherwise.
+        OptionError: an option `wmtp.load` does not take, or a dict naming a role the
+            algorithm does not load. WmtpError: the problems of every model that would not
+            load, each named by role; as `resolve_roles` and `wmtp.load` otherwise.
 
     Example:
-        >>> models = load_roles("rho1-wmtp", ["models/mtp", "models/ref"], dtype="bf16")
-        >>> sorted(models)
-        ['base_model', 'reference_model']
+        >>> models = load_roles("rho1-wmtp", ["models/mtp", "models/ref"],
+        ...                     dtype={"base_model": "fp32", "reference_model": "bf16"})
+        >>> models["reference_model"].lm_head.weight.requires_grad
+        False
     """
     from wmtp.check import check
 
+    if unknown := sorted(options.keys() - inspect.signature(load).parameters.keys() - {"location"}):
+        raise OptionError(f"load_roles got {unknown}, which wmtp.load does not take")
     chosen = resolve_roles(algo, paths, roles=roles, storage_options=options.get("storage_options"))
-    sharded = options.pop("parallelize", None)  # one function for all, or a dict by role
+    by_role = {role: dict[str, Any]() for role in chosen}
+    for name, value in options.items():
+        for role, given in per_role(algo, name, value, list(chosen)).items():
+            by_role[role][name] = given
 
     def one(role: str) -> torch.nn.Module:
-        how = sharded.get(role) if isinstance(sharded, Mapping) else sharded
-        return load(chosen[role], parallelize=how, **options)
+        model = load(chosen[role], **by_role[role])
+        return model if role == "base_model" else model.requires_grad_(False)
 
-    wanted = ("storage_options", "trust_code", "cache_dir", "dtype", "config_overrides")
-    checked: dict[str, Any] = {k: options[k] for k in wanted if k in options}
+    def checked(role: str) -> Any:
+        wanted = ("storage_options", "trust_code", "cache_dir", "dtype", "config_overrides")
+        return check(chosen[role], **{k: v for k, v in by_role[role].items() if k in wanted})
+
     with ThreadPoolExecutor(len(chosen)) as pool:
-        reports = pool.map(lambda path: check(path, **checked), chosen.values())
-        found = zip(chosen, reports, strict=True)
+        found = zip(chosen, pool.map(checked, chosen), strict=True)
         problems = [f"{r} ({chosen[r]}): {p}" for r, report in found for p in report.problems]
         if problems:
             error = WmtpError("\n".join(["these models would not load:", *problems]))
             error.problems = tuple(problems)
             raise error
-        if sharded is not None:  # each rank's collectives in one order: a model at a time
-            return {role: one(role) for role in chosen}
+        if any(options.get("parallelize") for options in by_role.values()):
+            return {role: one(role) for role in chosen}  # every rank's collectives in one order
         return dict(zip(chosen, pool.map(one, chosen), strict=True))
+
+
+def per_role(algo: str, name: str, value: Any, loaded: Sequence[str]) -> dict[str, Any]:
+    """Option `name`'s value for each role in `loaded`: `value` itself, or, when it is a dict
+    keyed by roles, its entries (roles it lacks are left out); `OptionError` when it names a
+    role `algo` does not load."""
+    if name == "storage_options" or not isinstance(value, Mapping):
+        return dict.fromkeys(loaded, value)
+    if not value.keys() & set(get_args(WmtpType)):  # a dict option such as config_overrides
+        return dict.fromkeys(loaded, value)
+    if wrong := sorted(value.keys() - set(loaded)):
+        raise OptionError(
+            f"{name}= names {', '.join(map(str, wrong))}, but {algo} loads {', '.join(loaded)}"
+        )
+    return {role: value[role] for role in loaded if role in value}

@@ -15,8 +15,9 @@ import msgspec
 import obstore
 
 from wmtp.errors import MetadataError, ModelFileError, OptionError
+from wmtp.location import PARALLEL, StorageOptions, join, local_root, translate
 from wmtp.metadata import CustomMTP, FileEntry, HuggingFace, Metadata, WmtpType
-from wmtp.store import PARALLEL, StorageOptions, join, local_root, open_store, translate
+from wmtp.store import open_store
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +37,7 @@ def save(
     base_architecture: str | None = None,
     transformers_class: str | None = None,
     tokenizer: Any = None,
+    keep_overrides: bool = False,
     storage_options: StorageOptions | None = None,
 ) -> Metadata:
     """Write `config.json`, `model.safetensors` (tied weights once), the model's module
@@ -60,6 +62,8 @@ def save(
             written into the metadata as given.
         transformers_class: the Auto class for a transformers model.
         tokenizer: a transformers tokenizer (anything with `save_pretrained`), or None.
+        keep_overrides: write the settings `wmtp.load(config_overrides=...)` changed into
+            config.json as they are now; by default they are saved as config.json had them.
         storage_options: obstore configuration for a URL, as for `wmtp.load`.
 
     Raises:
@@ -89,6 +93,7 @@ def save(
                 base_architecture=base_architecture,
                 transformers_class=transformers_class,
                 tokenizer=tokenizer,
+                keep_overrides=keep_overrides,
             )
             for name in [*(meta.files or {}), "metadata.json"]:
                 _upload(store, location, Path(staging), name)
@@ -102,6 +107,9 @@ def save(
         raise OptionError(f"tokenizer= takes a transformers tokenizer, not {type(tokenizer)}")
     cls = type(model)
     config = copy.deepcopy(config)
+    if not keep_overrides:  # `load(config_overrides=...)` set them for a run, not for good
+        for key, value in getattr(model, "wmtp_replaced_config", {}).items():
+            setattr(config, key, value)
     config.architectures = [cls.__name__]
     folder = root if "://" in location else Path(location)  # a path as given, `~` and all
     folder.mkdir(parents=True, exist_ok=True)

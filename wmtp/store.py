@@ -1,43 +1,21 @@
-"""Locations (a folder, `file://` or a URL obstore's `from_url` takes: `s3://`, `gs://`, `az://`,
-`https://`), their stores, obstore's errors translated once, and `fetch`: the local paths of a
+"""A location's store, its small files (`read_metadata`) and `fetch`: the local paths of a
 model's files, checked against the manifest (`wmtp.remote` does URLs and the cache)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import unquote, urlparse
+from typing import Any
 
 import obstore
-from obstore import exceptions as obx
 from obstore.store import LocalStore, ObjectStore
 
-from wmtp.errors import FetchError, IntegrityError, ModelFileError, StoreAccessError
-
-if TYPE_CHECKING:
-    from wmtp.metadata import FileEntry
-
-StorageOptions = Mapping[str, str] | Mapping[str, Mapping[str, str]]  # flat, or by URL prefix
-PARALLEL: Final = 8
-
-
-def local_root(location: str) -> Path | None:
-    """The folder of a local location (a path or `file://` URL), else None."""
-    url = urlparse(location)
-    if "://" not in location or url.scheme == "file":  # file://rel, file://./rel: relative
-        host = "" if url.netloc == "localhost" else url.netloc  # file:///abs, file://localhost/abs
-        path = unquote(host + url.path) if "://" in location else location
-        return Path(os.path.expanduser(path)).absolute()  # noqa: PTH111 (an unknown ~user stays)
-    return None
-
-
-def join(location: str, name: str) -> str:
-    """The URL (or path) of file `name` inside `location`."""
-    return f"{location.rstrip('/')}/{name}"
+from wmtp.errors import IntegrityError, ModelFileError
+from wmtp.location import PARALLEL, StorageOptions, join, local_root, translate
+from wmtp.metadata import FileEntry, Metadata, decode_metadata
 
 
 def open_store(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
@@ -106,7 +84,7 @@ def fetch(
     for downloads (and with `verify`). Raises `ModelFileError` naming every missing file."""
     manifest = manifest or {}
     if None in (found := heads(location, files, storage_options)).values():
-        from wmtp.explain import missing_files
+        from wmtp.hints import missing_files
 
         raise missing_files(location, found)
     for name, meta in found.items():
@@ -131,16 +109,23 @@ def check_size(location: str, name: str, manifest: Mapping[str, FileEntry], size
         )
 
 
-@contextmanager
-def translate(url: str) -> Iterator[None]:
-    """Turn obstore's exceptions into wmtp's, naming `url` and the cause."""
+def read_metadata(
+    location: str | os.PathLike[str], *, storage_options: StorageOptions | None = None
+) -> Metadata:
+    """The decoded `metadata.json` of the model at `location` (a folder or URL).
+
+    Raises:
+        ModelFileError: the location or its metadata.json does not exist.
+        MetadataError: the file does not decode or validate (see `decode_metadata`).
+
+    Example:
+        >>> read_metadata("examples/tiny-mtp").algorithm_compatibility
+        ('baseline-mtp', 'critic-wmtp', 'rho1-wmtp')
+    """
     try:
-        yield
-    except FileNotFoundError:
-        raise ModelFileError(f"{url} does not exist") from None
-    except (obx.BaseError, OSError) as e:
-        cause = str(e).strip().partition("\n")[0] or type(e).__name__
-        if not isinstance(e, obx.PermissionDeniedError | obx.UnauthenticatedError):
-            raise FetchError(f"{url}: {cause}") from e
-        why = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options, and rights"
-        raise StoreAccessError(f"{url}: access denied ({cause}); {why}") from None
+        data = read_file(location := os.fspath(location), "metadata.json", storage_options)
+    except ModelFileError as e:
+        from wmtp.hints import no_metadata
+
+        raise no_metadata(e) from None
+    return decode_metadata(data, source=join(location, "metadata.json"))

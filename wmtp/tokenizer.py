@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from wmtp.errors import MetadataError, ModelFileError
-from wmtp.metadata import read_metadata
-from wmtp.store import StorageOptions, fetch, heads, join
+from wmtp.location import StorageOptions, join
+from wmtp.store import fetch, heads, read_metadata
 
 SAVED = '["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]'
 
 
 def load_tokenizer(
-    location: str,
+    location: str | os.PathLike[str],
     *,
     storage_options: StorageOptions | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -38,9 +38,9 @@ def load_tokenizer(
         >>> load_tokenizer("models/mtp")("some text").input_ids
         [1, 40, 12, 2]
     """
-    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import AutoTokenizer  # no lazy import race
 
-    meta = read_metadata(location, storage_options=storage_options)
+    meta = read_metadata(location := os.fspath(location), storage_options=storage_options)
     if not (names := meta.loading_strategy.tokenizer_files):
         raise MetadataError(
             f"{join(location, 'metadata.json')}: `$.loading_strategy.tokenizer_files` is empty; "

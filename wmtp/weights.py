@@ -55,7 +55,7 @@ def checkpoint_names(required: Sequence[str], files: Mapping[str, Path]) -> list
         try:
             shards += msgspec.json.decode(read_local(index), type=ShardIndex).weight_map.values()
         except msgspec.MsgspecError as e:
-            from wmtp.explain import readable
+            from wmtp.hints import readable
 
             raise MetadataError(f"{index}: not a shard index: {readable(str(e))}") from None
     return [n for n in dict.fromkeys([*required, *shards]) if n.endswith(SAFETENSORS)]

@@ -1,0 +1,128 @@
+"""Clear errors for bad input (metadata, files, options, stores): what, where and how to fix
+it. Imported only when something is wrong; it imports nothing of wmtp but its exceptions, so
+every module may use it."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlparse
+
+from obstore import exceptions as obx
+
+from wmtp.errors import (
+    FetchError,
+    MetadataError,
+    ModelFileError,
+    OptionError,
+    PackageError,
+    StoreAccessError,
+    WmtpError,
+)
+
+EXAMPLE_STRATEGY: Final = """\
+  "loading_strategy": {
+    "loader_type": "huggingface",
+    "transformers_class": "AutoModelForCausalLM",
+    "state_dict_mapping": {"remove_prefix": null, "add_prefix": null, "key_transforms": {}},
+    "required_files": ["config.json", "model.safetensors"]
+  },
+  "algorithm_compatibility": ["rho1-wmtp"]"""
+EXAMPLE_METADATA: Final = (
+    "it says how to load the model, e.g.\n"
+    f'{{\n  "wmtp_type": "reference_model",\n  "storage_version": "2.0",\n{EXAMPLE_STRATEGY}\n}}'
+)
+# What to add to msgspec's message when it names this field (or says this).
+_HINTS: Final = {
+    # The values of `wmtp.metadata.LoaderType` and `WmtpType` (a test keeps them equal).
+    "loader_type`": "expected one of 'custom_mtp', 'huggingface'",
+    "wmtp_type`": "expected one of 'base_model', 'reference_model', 'reward_model'",
+    "model_class_name`": 'custom_mtp needs it, e.g. "model_class_name": "DistilGPT2MTP"',
+    "custom_module_file`": 'custom_mtp needs the module defining it, e.g. "modeling.py"',
+    "transformers_class`": 'huggingface needs it, e.g. "AutoModelForCausalLM"',
+    "matching regex": "name files relative to the model folder, without '..' or '.' parts, "
+    "a leading '/', '//', '\\' or ':' (a module file ends in .py)",
+}
+
+
+def metadata_error(message: str, source: str) -> MetadataError:
+    """msgspec's `message` about the metadata at `source`, with what to write instead."""
+    message += "" if " - at `" in message else " - at `$`"  # msgspec leaves out the root
+    if "missing required field `loading_strategy`" in message:
+        return MetadataError(
+            f"{source} has no `loading_strategy`, so there is no way to know how to load this "
+            f"model (wmtp never guesses from the files present). Add one, for example:\n"
+            f"{EXAMPLE_STRATEGY}\nwith loader_type `custom_mtp` (plus model_class_name and "
+            "custom_module_file) for a model defined in the folder's own module."
+        )
+    return MetadataError(f"{source}: {readable(message)}")
+
+
+def missing_files(location: str, found: Mapping[str, Any]) -> ModelFileError:
+    """The error naming every required file that `found` (from `heads`) lacks, at once."""
+    missing = ", ".join(repr(name) for name, meta in found.items() if meta is None)
+    return ModelFileError(
+        f"required file(s) {missing} not found at {location}; "
+        "add them there, or remove them from loading_strategy.required_files"
+    )
+
+
+def no_metadata(error: ModelFileError) -> ModelFileError:
+    """`error`, and when metadata.json is missing, an example of the file to write."""
+    if not str(error).endswith("metadata.json does not exist"):
+        return error  # the folder is missing, or the file is not a file
+    return ModelFileError(f"{error}: every model folder needs a metadata.json; {EXAMPLE_METADATA}")
+
+
+def unknown_settings(path: Path, unknown: Sequence[str], known: Iterable[str]) -> OptionError:
+    """The error for config overrides the config does not have, with the closest names."""
+    close = {k: difflib.get_close_matches(k, list(known), n=3) for k in unknown}
+    hints = [f"{k!r} (closest: {', '.join(c) or 'none'})" for k, c in close.items()]
+    return OptionError(f"{path} has no setting {'; '.join(hints)}: check config_overrides")
+
+
+def readable(message: str) -> str:
+    """msgspec's `message` with the path rule in words, and the allowed values or an example."""
+    hints = [hint for words, hint in _HINTS.items() if words in message]
+    return "; ".join([re.sub(r"matching regex '.*' -", "that is a path -", message), *hints])
+
+
+# Where each scheme takes its credentials from: environment variables, then storage_options.
+_AWS, _GOOGLE, _AZURE = (
+    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (storage options access_key_id / "
+    "secret_access_key, or profile)",
+    "GOOGLE_SERVICE_ACCOUNT or GOOGLE_SERVICE_ACCOUNT_KEY (storage options service_account / "
+    "service_account_key)",
+    "AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (storage options account_name / "
+    "account_key, or sas_key)",
+)
+CREDENTIALS: Final = {"s3": _AWS, "s3a": _AWS, "gs": _GOOGLE, "gcs": _GOOGLE}
+CREDENTIALS.update(dict.fromkeys(("az", "abfs", "abfss", "adl", "azure"), _AZURE))
+
+
+def store_error(url: str, error: Exception) -> WmtpError:
+    """The wmtp error for what a store (or the file system) raised while reading `url`."""
+    cause = str(error).strip().partition("\n")[0] or type(error).__name__
+    if isinstance(error, FileNotFoundError):
+        return ModelFileError(f"{url} does not exist")
+    if not isinstance(error, obx.PermissionDeniedError | obx.UnauthenticatedError):
+        return FetchError(f"{url}: {cause}")
+    scheme = urlparse(url).scheme
+    where = CREDENTIALS.get(scheme, "the store's credentials in storage_options")
+    return StoreAccessError(f"{url}: access denied ({cause}); check {where}, and rights")
+
+
+def package_error(source: str, error: ImportError) -> PackageError:
+    """The error for a package that does not import while the model at `source` is built,
+    naming the package that failed first (transformers re-raises it under the class name)."""
+    root: BaseException = error
+    while isinstance(inner := root.__cause__ or root.__context__, ImportError):
+        root = inner
+    name = getattr(root, "name", None) or error.name or "a package"
+    return PackageError(
+        f"{source}: the model needs {name}, which does not import ({root}); install or repair "
+        f"it (pip install {name.partition('.')[0]}), in a version that fits transformers"
+    )
