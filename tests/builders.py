@@ -1,4 +1,4 @@
-"""Small models with random weights, built from the shared fixture configs shrunk.
+"""Small models with random weights, built from the published fixture configs shrunk.
 
 Each builder writes a complete model folder (config.json, model.safetensors,
 metadata.json, and the module file for custom models) and returns its path.
@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 import wmtp
 from wmtp.save import file_manifest
 
-FIXTURES: Final = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES: Final = Path(__file__).resolve().parent / "fixtures"  # published files: see its README
 REAL: Final = FIXTURES / "wmtp-v2-real"
 EXAMPLES: Final = Path(__file__).resolve().parents[1] / "examples"
 MODELS: Final = Path(__file__).resolve().parent / "models"
@@ -54,7 +54,7 @@ LLAMA: Final = {
 
 
 def fixture_config(model: str, **overrides: Any) -> dict[str, Any]:
-    """The real config.json of a shared fixture, with `overrides` applied."""
+    """The real config.json of a published fixture, with `overrides` applied."""
     config: dict[str, Any] = json.loads((REAL / model / "config.json").read_text())
     return config | TOKEN_IDS | overrides
 
@@ -150,7 +150,7 @@ def save_llama_mtp(dest: Path) -> Path:
 
 
 def save_hf(dest: Path, fixture: str, auto: str, shrink: dict[str, Any], seed: int = 0) -> Path:
-    """A transformers model from a shared fixture's config, shrunk, with its published role."""
+    """A transformers model from a published fixture's config, shrunk, with its published role."""
     published = json.loads((REAL / fixture / "metadata.json").read_text())
     wmtp.save(
         hf_model(auto, fixture_config(fixture, **shrink), seed),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -264,3 +266,48 @@ def test_from_s3_missing_and_tampered(
     with pytest.raises(wmtp.IntegrityError, match="sha256"):
         wmtp.load_tokenizer(url, storage_options=opts, cache_dir=tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("tokenizer.json"))  # nothing cached
+
+
+# A user's first session with the example: its tokenizer feeding its model, in a fresh interpreter.
+EXAMPLE_SESSION = """
+import json, torch, wmtp
+tok = wmtp.load_tokenizer("examples/tiny-mtp")
+model = wmtp.load("examples/tiny-mtp")
+texts = ["The quick brown fox predicts the next four tokens", "Zebra 42! <|endoftext|>"]
+batch = tok(texts, padding=True, return_tensors="pt")
+labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+with torch.no_grad():
+    out = model(**batch, labels=labels)
+print(json.dumps({
+    "ids": batch["input_ids"].tolist(),
+    "mask": batch["attention_mask"].tolist(),
+    "special": [tok.unk_token_id, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id],
+    "config": [model.config.vocab_size, model.config.bos_token_id, model.config.eos_token_id],
+    "decoded": tok.decode(batch["input_ids"][0], skip_special_tokens=True),
+    "logits": list(out["logits"].shape),
+    "finite": bool(out["logits"].isfinite().all()),
+    "loss": out["loss"].item(),
+}))
+"""
+
+
+def test_example_tokenizer_feeds_the_example_model() -> None:
+    root = builders.EXAMPLES.parent
+    done = subprocess.run(
+        [sys.executable, "-c", EXAMPLE_SESSION], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.splitlines()[-1])
+    vocab = got["config"][0]
+    assert vocab == 256
+    ids = [i for row in got["ids"] for i in row]
+    assert all(0 <= i < vocab for i in ids)
+    assert got["special"] == [0, 1, 255, 255]  # <unk>, <pad>, <|endoftext|> twice
+    assert got["config"][1:] == [255, 255]  # the model's bos and eos are the tokenizer's
+    assert max(ids) == 255 and 0 in got["ids"][1]  # the top id used; unseen "4", "2", "!" unk
+    first, second = got["ids"]
+    assert len(first) > len([i for i in second if i != 1])  # so the second row is padded
+    assert second[-1] == 1 and got["mask"][1][-1] == 0
+    assert 0 not in first and got["decoded"] == "the quick brown fox predicts the next four tokens"
+    assert got["logits"] == [2, len(first), 4, vocab]
+    assert got["finite"] and 0 < got["loss"] < 20
