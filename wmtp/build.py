@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from wmtp.errors import MetadataError, WeightsError
+from wmtp.errors import MetadataError
 from wmtp.metadata import StateDictMapping
 from wmtp.store import read_local
 
@@ -66,11 +66,9 @@ def remap_state_dict(state_dict: Mapping[str, V], mapping: StateDictMapping) -> 
         if (new := remap_key(key, mapping, until)) is None:
             continue
         if new in source:
-            both, fix = sorted((source[new], key)), "give each its own, or drop one (null)"
-            raise WeightsError(
-                f"`$.loading_strategy.state_dict_mapping` sends both {both[0]!r} and {both[1]!r} "
-                f"to {new!r}; {fix}"
-            )
+            from wmtp.hints import collision
+
+            raise collision(source[new], key, new)
         source[new], out[new] = key, value
     return out
 
@@ -87,10 +85,9 @@ def remap_key(key: str, mapping: StateDictMapping, until: float = 0.0) -> str | 
         try:
             match = regex.fullmatch(pattern, key, timeout=max(until - time.monotonic(), 1e-3))
         except TimeoutError:  # a real mapping takes microseconds a key
-            raise MetadataError(
-                f"`$.loading_strategy.state_dict_mapping.key_transforms` {pattern!r} runs away "
-                f"(at key {key!r}); rewrite it without nested repeats such as (a+)+"
-            ) from None
+            from wmtp.hints import runaway
+
+            raise runaway(pattern, key) from None
         if match:
             if replacement is None:
                 return None
@@ -156,10 +153,9 @@ def read_config(
     except msgspec.MsgspecError as e:
         raise MetadataError(f"{path}: not a JSON object: {e}") from None
     if str(kind := data.get("model_type")) not in CONFIG_MAPPING:
-        raise MetadataError(
-            f"{path}: `$.model_type` is {kind!r}, which transformers does not know; set it "
-            'to the architecture the model builds on (e.g. "gpt2", "llama")'
-        )
+        from wmtp.hints import unknown_model_type
+
+        raise unknown_model_type(path, kind)
     try:
         known = {**(cls := CONFIG_MAPPING[str(kind)])().to_dict(), **data}
         config: PretrainedConfig = cls.from_dict(data | dict(overrides))

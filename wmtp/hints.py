@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlparse
 
+import msgspec
 from obstore import exceptions as obx
 
 from wmtp.errors import (
     FetchError,
+    IntegrityError,
     MetadataError,
     ModelFileError,
     OptionError,
     PackageError,
     StoreAccessError,
+    WeightsError,
     WmtpError,
 )
 
@@ -48,9 +51,11 @@ _HINTS: Final = {
 }
 
 
-def metadata_error(message: str, source: str) -> MetadataError:
-    """msgspec's `message` about the metadata at `source`, with what to write instead."""
-    message += "" if " - at `" in message else " - at `$`"  # msgspec leaves out the root
+def metadata_error(error: msgspec.MsgspecError, source: str) -> MetadataError:
+    """msgspec's `error` decoding the metadata at `source`, with what to write instead."""
+    if isinstance(error, msgspec.DecodeError):
+        return MetadataError(f"{source}: not valid JSON: {error}")
+    message = str(error) + ("" if " - at `" in str(error) else " - at `$`")  # msgspec: no root
     if "missing required field `loading_strategy`" in message:
         return MetadataError(
             f"{source} has no `loading_strategy`, so there is no way to know how to load this "
@@ -126,3 +131,42 @@ def package_error(source: str, error: ImportError) -> PackageError:
         f"{source}: the model needs {name}, which does not import ({root}); install or repair "
         f"it (pip install {name.partition('.')[0]}), in a version that fits transformers"
     )
+
+
+def stale_size(url: str, name: str, size: int, listed: int) -> IntegrityError:
+    """The error for a file whose `size` is not the one the manifest lists."""
+    return IntegrityError(
+        f"{url} has {size} bytes, but metadata.json's manifest (`$.files[{name!r}].size`) says "
+        f"{listed}; the file or the manifest is stale"
+    )
+
+
+def collision(first: str, second: str, key: str) -> WeightsError:
+    """The error for two checkpoint keys that the mapping sends to one model `key`."""
+    both = sorted((first, second))
+    return WeightsError(
+        f"`$.loading_strategy.state_dict_mapping` sends both {both[0]!r} and {both[1]!r} to "
+        f"{key!r}; give each its own, or drop one (null)"
+    )
+
+
+def runaway(pattern: str, key: str) -> MetadataError:
+    """The error for a key transform whose matching did not end in time."""
+    return MetadataError(
+        f"`$.loading_strategy.state_dict_mapping.key_transforms` {pattern!r} runs away (at key "
+        f"{key!r}); rewrite it without nested repeats such as (a+)+"
+    )
+
+
+def unknown_model_type(path: Path, kind: object) -> MetadataError:
+    """The error for a config.json whose `model_type` transformers does not know."""
+    return MetadataError(
+        f"{path}: `$.model_type` is {kind!r}, which transformers does not know; set it to the "
+        'architecture the model builds on (e.g. "gpt2", "llama")'
+    )
+
+
+def unknown_dtype(dtype: object, aliases: Iterable[str]) -> OptionError:
+    """The error for a `dtype=` that is no floating torch dtype."""
+    words = "float32, bfloat16, float16, float64, half, double: integers are never cast"
+    return OptionError(f"unknown dtype {dtype!r}; use {', '.join(aliases)}, {words}")

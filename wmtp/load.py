@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, get_args
 
 from wmtp import build
-from wmtp.build import Groups, Mismatch, ModelClass, compare, remap_state_dict
+from wmtp.build import Groups, Mismatch, ModelClass
 from wmtp.errors import MetadataError, OptionError, UntrustedCodeError, WmtpError
 from wmtp.location import StorageOptions, join, local_root
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, WmtpType, why_not
@@ -103,9 +103,9 @@ def plan(
     expected = {k: (tuple(t.shape), one if t.is_floating_point() else str(t.dtype)[6:])
                 for k, t in state.items()}  # fmt: skip
     groups, mapping = [tuple(names) for names in tied.values()], strategy.state_dict_mapping
-    keys = remap_state_dict(dict(zip(found, found, strict=True)), mapping)  # the regexes run once
+    keys = build.remap_state_dict(dict(zip(found, found, strict=True)), mapping)  # regexes once
     renamed = {key: found[name] for key, name in keys.items()}
-    if cls.problems or compare(expected, groups, renamed) != Mismatch():
+    if cls.problems or build.compare(expected, groups, renamed) != Mismatch():
         from wmtp.explain import refusal
 
         raise refusal(source, cls.problems, model, config, found, mapping, expected, groups)
@@ -128,8 +128,9 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     found = None if dtype is None else getattr(torch, DTYPE_ALIASES.get(name, name), None)
     if dtype is None or (isinstance(found, torch.dtype) and found.is_floating_point):
         return found
-    words = "float32, bfloat16, float16, float64, half, double: integers are never cast"
-    raise OptionError(f"unknown dtype {dtype!r}; use {', '.join(DTYPE_ALIASES)}, {words}")
+    from wmtp.hints import unknown_dtype
+
+    raise unknown_dtype(dtype, DTYPE_ALIASES)
 
 
 def parse_device(device: torch.device | str | None) -> torch.device | None:

@@ -1,8 +1,6 @@
 """Locations: a folder, a `file://` URL or a URL obstore's `from_url` takes (`s3://`, `gs://`,
 `az://`, `https://`); the names of files in them; store errors turned into wmtp's."""
 
-from __future__ import annotations
-
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager

@@ -6,8 +6,6 @@ from typing import Annotated, ClassVar, Final, Literal
 
 import msgspec
 
-from wmtp.errors import MetadataError
-
 LoaderType = Literal["custom_mtp", "huggingface"]
 WmtpType = Literal["base_model", "reference_model", "reward_model"]
 SAFETENSORS, INDEX = ".safetensors", ".safetensors.index.json"
@@ -121,12 +119,10 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
     """
     try:
         return _decode(data)
-    except msgspec.ValidationError as e:
+    except msgspec.MsgspecError as e:
         from wmtp.hints import metadata_error
 
-        raise metadata_error(str(e), source) from None
-    except msgspec.DecodeError as e:
-        raise MetadataError(f"{source}: not valid JSON: {e}") from None
+        raise metadata_error(e, source) from None
 
 
 def why_not(meta: Metadata | str, algo: str, role: str | None) -> str | None:

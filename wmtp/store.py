@@ -1,8 +1,6 @@
 """A location's store, its small files (`read_metadata`) and `fetch`: the local paths of a
 model's files, checked against the manifest (`wmtp.remote` does URLs and the cache)."""
 
-from __future__ import annotations
-
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +11,7 @@ from typing import Any
 import obstore
 from obstore.store import LocalStore, ObjectStore
 
-from wmtp.errors import IntegrityError, ModelFileError
+from wmtp.errors import ModelFileError
 from wmtp.location import PARALLEL, StorageOptions, join, local_root, translate
 from wmtp.metadata import FileEntry, Metadata, decode_metadata
 
@@ -103,10 +101,9 @@ def fetch(
 def check_size(location: str, name: str, manifest: Mapping[str, FileEntry], size: int) -> None:
     """Raise `IntegrityError` when the manifest lists `name` with another size."""
     if (entry := manifest.get(name)) is not None and size != entry.size:
-        raise IntegrityError(
-            f"{join(location, name)} has {size} bytes, but metadata.json's manifest "
-            f"(`$.files[{name!r}].size`) says {entry.size}; the file or the manifest is stale"
-        )
+        from wmtp.hints import stale_size
+
+        raise stale_size(join(location, name), name, size, entry.size)
 
 
 def read_metadata(
