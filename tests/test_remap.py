@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from hypothesis import given
@@ -95,15 +96,16 @@ def test_remap_passes_unmatched_keys_unchanged(sd: dict[str, object]) -> None:
 
 @given(st.integers(0, 63))
 def test_remap_order_is_remove_then_transforms_then_add(layer: int) -> None:
+    SOON = time.monotonic() + 2  # noqa: N806 (the deadline every key of one mapping shares)
     mapping = StateDictMapping(
         remove_prefix="module.",
         key_transforms={r"h\.(\d+)\.w": r"layers.\1.weight"},
         add_prefix="model.",
     )
     # The transform sees the key without the removed prefix and before the added one.
-    assert remap_key(f"module.h.{layer}.w", mapping) == f"model.layers.{layer}.weight"
-    assert remap_key(f"h.{layer}.w", mapping) == f"model.layers.{layer}.weight"
-    assert remap_key(f"model.h.{layer}.w", mapping) == f"model.model.h.{layer}.w"
+    assert remap_key(f"module.h.{layer}.w", mapping, SOON) == f"model.layers.{layer}.weight"
+    assert remap_key(f"h.{layer}.w", mapping, SOON) == f"model.layers.{layer}.weight"
+    assert remap_key(f"model.h.{layer}.w", mapping, SOON) == f"model.model.h.{layer}.w"
 
 
 def test_remap_first_matching_transform_wins() -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from wmtp.errors import MetadataError
+from wmtp.errors import MetadataError, OptionError
 from wmtp.metadata import StateDictMapping
 from wmtp.store import read_local
 
@@ -29,14 +29,6 @@ if TYPE_CHECKING:
 V = TypeVar("V")
 Sig = tuple[tuple[int, ...], str]  # a tensor's shape and torch dtype name ("float32")
 Groups = Sequence[tuple[str, ...]]  # the names under which a model holds one (tied) tensor
-
-
-class Mismatch(msgspec.Struct, frozen=True):
-    """What keeps a checkpoint from fitting a model; `Mismatch()` means it fits."""
-
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
-    misshapen: tuple[tuple[str, Sig, Sig], ...] = ()  # key, checkpoint's, model's (shape, dtype)
 
 
 class ModelClass(msgspec.Struct, frozen=True):
@@ -73,10 +65,9 @@ def remap_state_dict(state_dict: Mapping[str, V], mapping: StateDictMapping) -> 
     return out
 
 
-def remap_key(key: str, mapping: StateDictMapping, until: float = 0.0) -> str | None:
+def remap_key(key: str, mapping: StateDictMapping, until: float) -> str | None:
     """The model's name for checkpoint key `key` (see `remap_state_dict`); None drops it.
-    Matching ends by `until` (`time.monotonic()`; default: 2 s from now), else `MetadataError`."""
-    until = until or time.monotonic() + 2.0
+    Matching ends by `until` (`time.monotonic()`), else `MetadataError`."""
     if mapping.remove_prefix and key.startswith(mapping.remove_prefix):
         key = key[len(mapping.remove_prefix) :]
     import regex  # `re` would hold the GIL forever on a pattern like ([\w.]+)+Z from a bucket
@@ -96,17 +87,19 @@ def remap_key(key: str, mapping: StateDictMapping, until: float = 0.0) -> str | 
     return (mapping.add_prefix or "") + key
 
 
-def compare(expected: Mapping[str, Sig], groups: Groups, found: Mapping[str, Sig]) -> Mismatch:
-    """How checkpoint `found` misses a model's `expected` keys, shapes and dtypes; one name of
-    a tied group is enough."""
+def compare(
+    expected: Mapping[str, Sig], groups: Groups, found: Mapping[str, Sig]
+) -> tuple[list[str], list[str], list[tuple[str, Sig, Sig]]]:
+    """How checkpoint `found` misses a model's `expected` keys, shapes and dtypes: the keys
+    missing (one of a tied group is enough), unexpected and misshapen, sorted; empty: it fits."""
     missing = [g[0] for g in groups if not any(name in found for name in g)]
     unexpected = [k for k in found if k not in expected]
     misshapen = [(k, s, expected[k]) for k, s in found.items() if expected.get(k, s) != s]
-    return Mismatch(tuple(sorted(missing)), tuple(sorted(unexpected)), tuple(sorted(misshapen)))
+    return sorted(missing), sorted(unexpected), sorted(misshapen)
 
 
-# The patches are process-wide: one build at a time, its thread only. transformers' lazy
-# imports are not thread-safe either: the config and class are found under it too.
+# Process-wide patches: one build at a time, its thread only; transformers' lazy imports
+# race in threads, so the config and class are found under it too.
 LOCK = threading.Lock()
 _FILLS = ("normal_", "uniform_", "fill_", "zero_")  # init fills: slow on meta, and pointless
 
@@ -144,10 +137,11 @@ def read_config(
     path: Path, overrides: Mapping[str, Any]
 ) -> tuple[PretrainedConfig, dict[str, Any]]:
     """The transformers config of `config.json`, by its `model_type`, with `overrides` set
-    (each a setting the config has: a typo is an error), and the values they replaced;
-    else `MetadataError`."""
+    (each a setting it has: a typo is an error), and the values they replaced; `MetadataError`."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if not isinstance(overrides, Mapping):
+        raise OptionError(f"config_overrides takes a dict of settings, not {overrides!r}")
     try:
         data = msgspec.json.decode(read_local(path), type=dict[str, Any])
     except msgspec.MsgspecError as e:
@@ -179,7 +173,7 @@ def import_module_file(path: Path) -> ModuleType:
     module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses need it
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a module that exits has failed to import
         del sys.modules[name]
         raise MetadataError(f"{path}: importing the model's module failed: {e!r}") from e
     return module

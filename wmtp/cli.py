@@ -150,8 +150,8 @@ def _resolve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> Result:
+    from wmtp.explain import why_not
     from wmtp.load import read_all
-    from wmtp.metadata import why_not
     from wmtp.roles import choose_roles, roles_of
 
     options, needed = _storage_options(args), roles_of(args.algo, args.role)

@@ -13,18 +13,32 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
-from wmtp.build import Groups, Mismatch, ModelClass, Sig, compare, remap_state_dict
+from wmtp import build
+from wmtp.build import Groups, ModelClass, Sig, remap_state_dict
 from wmtp.errors import MetadataError, NoCompatibleModelError, WeightsError
 from wmtp.location import join
-from wmtp.metadata import CustomMTP, Metadata, StateDictMapping, why_not
+from wmtp.metadata import CustomMTP, Metadata, StateDictMapping
 from wmtp.weights import Header
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+
+class Mismatch(NamedTuple):
+    """What keeps a checkpoint from fitting a model (`wmtp.build.compare`); empty: it fits."""
+
+    missing: Sequence[str] = ()
+    unexpected: Sequence[str] = ()
+    misshapen: Sequence[tuple[str, Sig, Sig]] = ()  # key, checkpoint's, model's (shape, dtype)
+
+
+def compare(expected: Mapping[str, Sig], groups: Groups, found: Mapping[str, Sig]) -> Mismatch:
+    """`wmtp.build.compare`, its parts named."""
+    return Mismatch(*build.compare(expected, groups, found))
 
 
 def refusal(
@@ -42,7 +56,7 @@ def refusal(
     mismatch = compare(expected, groups, remap_state_dict(found, mapping))
     fix = mapping_fix(found, mapping, expected, groups)
     hints = [*([fix[0]] if fix else []), *architecture_hint(config, type(model).__name__)]
-    detail = [] if mismatch == Mismatch() else [describe(mismatch, type(model).__name__, hints)]
+    detail = [describe(mismatch, type(model).__name__, hints)] if any(mismatch) else []
     if problems:
         error = MetadataError("\n".join([*problems, *(f"also, {d}" for d in detail)]))
         error.problems = (*problems, *(f"{source}: {d}" for d in detail))
@@ -52,11 +66,13 @@ def refusal(
     return refused
 
 
-def missing_class(
-    location: str, strategy: CustomMTP, module: ModuleType, defined: Sequence[str]
-) -> ModelClass:
+def missing_class(location: str, strategy: CustomMTP, module: ModuleType) -> ModelClass:
     """The error for a `model_class_name` the module does not define, or, when it defines one
     model class only, that class with the problem, so the weights are checked against it too."""
+    from torch.nn import Module
+
+    own = [c for c in vars(module).values() if getattr(c, "__module__", "") == module.__name__]
+    defined = sorted(c.__name__ for c in own if isinstance(c, type) and issubclass(c, Module))
     problem = (
         f"{join(location, 'metadata.json')}: model_class_name {strategy.model_class_name!r} is "
         f"not defined in {strategy.custom_module_file} (defined: "
@@ -90,13 +106,26 @@ def stored_twice(location: str, headers: Mapping[str, Header]) -> WeightsError:
     raise AssertionError("no tensor is stored twice")
 
 
+def why_not(meta: Metadata | str, algo: str, role: str | None) -> str | None:
+    """Why a candidate (its metadata, or why it could not be read) does not serve `algo` as
+    `role` (any role when None); None when it does (`wmtp.metadata.serves`)."""
+    if isinstance(meta, str):
+        return meta
+    if algo not in (served := meta.algorithm_compatibility):
+        return f"algorithm_compatibility is {list(served)}"
+    if role is not None and (kind := meta.wmtp_type) != role:
+        return f"serves {algo} but wmtp_type is {kind!r}, not {role!r}"
+    return None
+
+
 def no_candidate(
     found: Mapping[str, Metadata | str], algo: str, role: str | None
 ) -> NoCompatibleModelError:
     """The error for an algorithm no candidate serves: each one's reason, and a close name
     when `algo` looks like a typo of one they serve."""
     served = [m.algorithm_compatibility for m in found.values() if not isinstance(m, str)]
-    close = difflib.get_close_matches(algo, sorted({a for s in served for a in s}), n=1)
+    known = sorted({a for s in served for a in s})
+    close = difflib.get_close_matches(algo, known, n=1) if isinstance(algo, str) else []
     lines = [f"  {path}: {why_not(meta, algo, role)}" for path, meta in found.items()]
     return NoCompatibleModelError(
         f"no candidate serves {algo!r}{f' as {role}' if role else ''}:\n"
@@ -119,7 +148,7 @@ def mapping_fix(
         return None
     for hint, fixed in _tries(now, mapping):
         try:
-            if compare(expected, groups, remap_state_dict(found, fixed)) == Mismatch():
+            if not any(compare(expected, groups, remap_state_dict(found, fixed))):
                 return hint, fixed
         except WeightsError:
             continue

@@ -53,7 +53,7 @@ _HINTS: Final = {
 
 def metadata_error(error: msgspec.MsgspecError, source: str) -> MetadataError:
     """msgspec's `error` decoding the metadata at `source`, with what to write instead."""
-    if isinstance(error, msgspec.DecodeError):
+    if not isinstance(error, msgspec.ValidationError):  # a DecodeError that is not one
         return MetadataError(f"{source}: not valid JSON: {error}")
     message = str(error) + ("" if " - at `" in str(error) else " - at `$`")  # msgspec: no root
     if "missing required field `loading_strategy`" in message:
@@ -170,3 +170,13 @@ def unknown_dtype(dtype: object, aliases: Iterable[str]) -> OptionError:
     """The error for a `dtype=` that is no floating torch dtype."""
     words = "float32, bfloat16, float16, float64, half, double: integers are never cast"
     return OptionError(f"unknown dtype {dtype!r}; use {', '.join(aliases)}, {words}")
+
+
+def no_checkpoint(required: Sequence[str]) -> str:
+    """Why `required_files` lists no checkpoint wmtp loads (a `ValueError` message)."""
+    pickles = ", ".join(f for f in required if f.endswith((".bin", ".pt")))
+    why = f" ({pickles} is a pickle, which wmtp does not load)" if pickles else ""
+    return (
+        f"`required_files` lists no safetensors checkpoint{why}; save the weights as "
+        "model.safetensors and list it"
+    )

@@ -4,28 +4,26 @@ class -> build empty -> remap_state_dict -> strict compare -> map the files, ass
 
 from __future__ import annotations
 
-import operator
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, get_args
 
 from wmtp import build
-from wmtp.build import Groups, Mismatch, ModelClass
+from wmtp.build import ModelClass
 from wmtp.errors import MetadataError, OptionError, UntrustedCodeError, WmtpError
 from wmtp.location import StorageOptions, join, local_root
-from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, WmtpType, why_not
+from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, WmtpType, serves
 from wmtp.store import fetch, read_metadata
 from wmtp.weights import DTYPES, Header, checkpoint_names, prefetch, read_header, read_tensors
 
 if TYPE_CHECKING:
     import torch
 
-Read = Metadata | str  # a candidate's metadata, or why it could not be read
-Location = str | os.PathLike[str]  # a folder or URL
 Files = Mapping[str, Path]  # a model's files: name -> local path
 DTYPE_ALIASES: Final = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
@@ -35,13 +33,13 @@ def custom_class(location: str, strategy: CustomMTP, files: Files, config: Any) 
     from torch.nn import Module
 
     module = build.import_module_file(files[strategy.custom_module_file])
-    own = [c for c in vars(module).values() if getattr(c, "__module__", "") == module.__name__]
-    defined = sorted(c.__name__ for c in own if isinstance(c, type) and issubclass(c, Module))
-    if (name := strategy.model_class_name) in defined:
-        return ModelClass(name, getattr(module, name))
+    found = getattr(module, name := strategy.model_class_name, None)
+    own = getattr(found, "__module__", None) == module.__name__  # defined there, not imported
+    if own and isinstance(found, type) and issubclass(found, Module):
+        return ModelClass(name, found)
     from wmtp.explain import missing_class
 
-    return missing_class(location, strategy, module, defined)
+    return missing_class(location, strategy, module)
 
 
 def auto_class(location: str, strategy: HuggingFace, files: Files, config: Any) -> ModelClass:
@@ -72,10 +70,9 @@ def plan(
     cast: torch.dtype | None = None,
     overrides: Mapping[str, Any] | None = None,
     tick: Callable[[float], object] = lambda _: None,
-) -> tuple[torch.nn.Module, Groups, dict[str, str]]:
-    """The model built empty (config `overrides` set), its groups of tied names and its key ->
-    checkpoint key, once the checkpoint, from its `headers` alone, fits it exactly: keys, shapes,
-    dtypes (floating ones one type, or `cast`); else the error listing every problem."""
+) -> tuple[torch.nn.Module, build.Groups, dict[str, str]]:
+    """The model built empty (`overrides` set), its tied groups and key -> checkpoint key, once
+    the `headers` fit it exactly (keys, shapes, dtypes: floats one, or `cast`); else the error."""
     strategy, source = meta.loading_strategy, join(location, "metadata.json")
     with build.LOCK:
         try:
@@ -105,7 +102,7 @@ def plan(
     groups, mapping = [tuple(names) for names in tied.values()], strategy.state_dict_mapping
     keys = build.remap_state_dict(dict(zip(found, found, strict=True)), mapping)  # regexes once
     renamed = {key: found[name] for key, name in keys.items()}
-    if cls.problems or build.compare(expected, groups, renamed) != Mismatch():
+    if cls.problems or any(build.compare(expected, groups, renamed)):
         from wmtp.explain import refusal
 
         raise refusal(source, cls.problems, model, config, found, mapping, expected, groups)
@@ -147,7 +144,7 @@ def parse_device(device: torch.device | str | None) -> torch.device | None:
 
 
 def load(
-    location: Location,
+    location: str | os.PathLike[str],
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
@@ -212,13 +209,13 @@ def load(
     marks.append(time.perf_counter())
     if timings is not None:
         phases = ("fetch", "map", "import", "build", "assign")
-        timings |= zip(phases, map(operator.sub, marks[1:], marks), strict=True)
+        timings |= zip(phases, (b - a for a, b in pairwise(marks)), strict=True)
     return model.eval() if place is None else model.eval().to(place)
 
 
 def resolve(
     algo: str,
-    paths: Sequence[Location],
+    paths: Sequence[str | os.PathLike[str]],
     *,
     role: WmtpType | None = None,
     storage_options: StorageOptions | None = None,
@@ -236,9 +233,9 @@ def resolve(
     """
     if role is not None and role not in get_args(WmtpType):
         raise OptionError(f"role {role!r} is not a wmtp_type; use one of {get_args(WmtpType)}")
-    seen: dict[str, Read] = {}
+    seen: dict[str, Metadata | str] = {}  # a candidate's metadata, or why it cannot be read
     for path, meta in read_all(paths, storage_options):  # no wait for those after the answer
-        if why_not(seen.setdefault(path, meta), algo, role) is None:
+        if serves(seen.setdefault(path, meta), algo, role):
             return path
     from wmtp.explain import no_candidate
 
@@ -246,12 +243,15 @@ def resolve(
 
 
 def read_all(
-    paths: Sequence[Location], options: StorageOptions | None
-) -> Iterator[tuple[str, Read]]:
+    paths: Sequence[str | os.PathLike[str]], options: StorageOptions | None
+) -> Iterator[tuple[str, Metadata | str]]:
     """Each path's metadata, or why it cannot be read (each failure its own reason), in order
     as soon as known. All are read at once; a caller may stop at its answer."""
 
-    def read(path: Location) -> Read:
+    if isinstance(paths, str | os.PathLike):  # its characters are no candidates
+        raise OptionError(f"paths takes a list of folders or URLs, not one: [{paths!r}]")
+
+    def read(path: str | os.PathLike[str]) -> Metadata | str:
         try:
             return read_metadata(path, storage_options=options)
         except WmtpError as e:

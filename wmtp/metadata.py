@@ -32,7 +32,7 @@ class StateDictMapping(Strict, frozen=True, kw_only=True):
         for pattern, replacement in self.key_transforms.items():
             try:  # sub() checks the replacement against the pattern's groups before matching
                 re.compile(pattern).sub(replacement or "", "")
-            except re.error as e:
+            except (re.error, IndexError) as e:  # IndexError: an unknown \\g<name>
                 raise ValueError(f"key_transforms {pattern!r} -> {replacement!r}: {e}") from None
 
 
@@ -50,10 +50,9 @@ class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
             if need not in self.required_files:  # custom_module_file: CustomMTP's
                 raise ValueError(f"`required_files` must list {need}, to fetch it with the model")
         if not any(f.endswith((SAFETENSORS, INDEX)) for f in self.required_files):
-            pickles = ", ".join(f for f in self.required_files if f.endswith((".bin", ".pt")))
-            why = f" ({pickles} is a pickle, which wmtp does not load)" if pickles else ""
-            raise ValueError(f"`required_files` lists no safetensors checkpoint{why}; save the "
-                             "weights as model.safetensors and list it")  # fmt: skip
+            from wmtp.hints import no_checkpoint
+
+            raise ValueError(no_checkpoint(self.required_files))
 
 
 class CustomMTP(Strategy, frozen=True, kw_only=True, tag="custom_mtp"):
@@ -125,13 +124,9 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
         raise metadata_error(e, source) from None
 
 
-def why_not(meta: Metadata | str, algo: str, role: str | None) -> str | None:
-    """Why a candidate (its metadata, or why it could not be read) does not serve `algo` as
-    `role` (any role when None); None when it does."""
+def serves(meta: Metadata | str, algo: str, role: str | None) -> bool:
+    """Whether a candidate's metadata (a str: why it could not be read) lists `algo` and has
+    `wmtp_type` `role` (any, when None); `wmtp.explain.why_not` says why not."""
     if isinstance(meta, str):
-        return meta
-    if algo not in (served := meta.algorithm_compatibility):
-        return f"algorithm_compatibility is {list(served)}"
-    if role is not None and (kind := meta.wmtp_type) != role:
-        return f"serves {algo} but wmtp_type is {kind!r}, not {role!r}"
-    return None
+        return False
+    return algo in meta.algorithm_compatibility and role in (None, meta.wmtp_type)

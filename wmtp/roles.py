@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, get_args
 
 from wmtp.errors import NoCompatibleModelError, OptionError, WmtpError
-from wmtp.load import Location, Read, load, read_all
+from wmtp.explain import why_not
+from wmtp.load import load, read_all
 from wmtp.location import StorageOptions
-from wmtp.metadata import WmtpType, why_not
+from wmtp.metadata import Metadata, WmtpType, serves
 
 if TYPE_CHECKING:
     import torch
 
+Read = Metadata | str  # a candidate's metadata, or why it could not be read
+Location = str | os.PathLike[str]  # a folder or URL
 # algorithm -> the wmtp_types it loads, base model first.
 ALGORITHM_ROLES: Final[Mapping[str, tuple[WmtpType, ...]]] = MappingProxyType({
     "baseline-mtp": ("base_model",),
@@ -29,7 +33,11 @@ ALGORITHM_ROLES: Final[Mapping[str, tuple[WmtpType, ...]]] = MappingProxyType({
 def roles_of(algo: str, roles: Sequence[str] | None = None) -> tuple[str, ...]:
     """`roles` when given (checked against the wmtp_types), else `ALGORITHM_ROLES[algo]`;
     `OptionError` for an algorithm the table lacks, with the known ones and a close name."""
+    if not isinstance(algo, str):
+        raise OptionError(f"algo takes the name of a training algorithm, not {algo!r}")
     if roles is not None:
+        if not roles or isinstance(roles, str):
+            raise OptionError(f"roles takes a non-empty list of wmtp_types, not {roles!r}")
         if wrong := [r for r in roles if r not in get_args(WmtpType)]:
             raise OptionError(f"roles {wrong} are not wmtp_types; use {get_args(WmtpType)}")
         return tuple(dict.fromkeys(roles))
@@ -78,7 +86,7 @@ def choose_roles(
     chosen, seen = dict[str, str](), dict[str, Read]()
     for path, meta in found:
         seen[path] = meta
-        chosen |= {r: path for r in needed if r not in chosen and why_not(meta, algo, r) is None}
+        chosen |= {r: path for r in needed if r not in chosen and serves(meta, algo, r)}
         if len(chosen) == len(needed):
             return {role: chosen[role] for role in needed}
     lines = [f"no candidate serves {algo!r} as {', '.join(r for r in needed if r not in chosen)}:"]

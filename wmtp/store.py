@@ -47,9 +47,10 @@ def read_local(path: Path) -> bytes:
 
 def regular(path: Path) -> Path:
     """`path`, unless it is there as something else than a file (a FIFO would block reads)."""
-    if path.exists() and not path.is_file():
-        raise ModelFileError(f"{path} is not a regular file (a folder, FIFO or device)")
-    return path
+    with translate(str(path)):  # a name too long, a folder it may not enter: errors naming it
+        if not path.exists() or path.is_file():
+            return path
+    raise ModelFileError(f"{path} is not a regular file (a folder, FIFO or device)")
 
 
 def heads(location: str, names: Sequence[str], options: StorageOptions | None) -> dict[str, Any]:
@@ -77,9 +78,8 @@ def fetch(
     manifest: Mapping[str, FileEntry] | None = None,
     verify: bool = False,
 ) -> dict[str, Path]:
-    """Local paths of `files` (names in the folder or URL `location`), downloaded first when
-    remote; options as for `wmtp.load`. Sizes are checked against the `manifest`, hashes too
-    for downloads (and with `verify`). Raises `ModelFileError` naming every missing file."""
+    """Local paths of `files` in `location`, downloaded when remote (options: `wmtp.load`'s),
+    checked against the `manifest`: sizes, and hashes of downloads (all with `verify`)."""
     manifest = manifest or {}
     if None in (found := heads(location, files, storage_options)).values():
         from wmtp.hints import missing_files

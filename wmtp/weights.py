@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from wmtp.errors import MetadataError
+from wmtp.location import translate
 from wmtp.metadata import INDEX, SAFETENSORS, RelPath
 from wmtp.store import read_local, regular
 
@@ -61,15 +62,14 @@ def checkpoint_names(required: Sequence[str], files: Mapping[str, Path]) -> list
     return [n for n in dict.fromkeys([*required, *shards]) if n.endswith(SAFETENSORS)]
 
 
-def read_header(path: Path, url: str | None = None) -> Header:
-    """The header of the safetensors file at `path` (named `url` in errors), judged by the
-    format's own reader: a `MetadataError` when it is not safetensors, when safetensors refuses
-    it (offsets, sizes, truncation, trailing bytes...) or a dtype has no torch type."""
+def read_header(path: Path, url: str) -> Header:
+    """The header of the safetensors file at `path` (`url` in errors) as the format's own reader
+    judges it: else a `MetadataError` (truncated, bad offsets, a dtype torch lacks...)."""
     from safetensors import safe_open
 
-    url, size = url or str(path), path.stat().st_size
-    with regular(path).open("rb") as f:
-        if not 2 <= (length := int.from_bytes(f.read(8), "little")) <= min(100 << 20, size - 8):
+    with translate(url), regular(path).open("rb") as f:  # EIO, EACCES...: errors naming it
+        size, length = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
+        if not 2 <= length <= min(100 << 20, size - 8):
             raise MetadataError(f"{url}: not a safetensors file ({size} bytes, header {length})")
         raw = f.read(length)
     try:
