@@ -129,8 +129,27 @@ def test_a_parameter_parallelize_adds_is_refused(models: dict[str, Path]) -> Non
     def adds(model: torch.nn.Module) -> None:
         model.register_parameter("extra", torch.nn.Parameter(torch.empty(2, device="meta")))
 
-    with pytest.raises(wmtp.MetadataError, match=r"parameter 'extra' \(made by parallelize"):
+    with pytest.raises(
+        wmtp.MetadataError, match=r"parallelize\(GPT2LMHeadModel\) added or removed extra;"
+    ):
         wmtp.load(str(models["gpt2_reward"]), parallelize=adds)
+
+
+def test_a_buffer_parallelize_adds_or_a_module_it_removes_is_named(
+    models: dict[str, Path],
+) -> None:
+    def adds(model: torch.nn.Module) -> None:
+        model.register_buffer("steps", torch.zeros(1))
+
+    def removes(model: torch.nn.Module) -> None:
+        blocks = model.get_submodule("transformer.h")
+        assert isinstance(blocks, torch.nn.ModuleList)
+        del blocks[1]
+
+    with pytest.raises(wmtp.MetadataError, match=r"added or removed steps; it may shard"):
+        wmtp.load(str(models["gpt2_reward"]), parallelize=adds)
+    with pytest.raises(wmtp.MetadataError, match=r"added or removed transformer\.h\.1\.attn"):
+        wmtp.load(str(models["gpt2_reward"]), parallelize=removes)
 
 
 def test_a_failing_parallelize_is_a_metadata_error(models: dict[str, Path]) -> None:

@@ -75,10 +75,16 @@ def _fill(
         if old is not None and have is not None and old.dtype != have.dtype:
             _tie(model, group, torch.nn.Parameter(old.to(have.dtype), old.requires_grad))
     real = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
+    before, what = _names(model), f"parallelize({type(model).__name__})"
     try:
         parallelize(model)
     except Exception as e:
-        raise MetadataError(f"parallelize({type(model).__name__}) failed: {e!r}") from e
+        raise MetadataError(f"{what} failed: {e!r}") from e
+    if changed := sorted(before ^ _names(model)):  # the checkpoint fills exactly what it had
+        raise MetadataError(
+            f"{what} added or removed {', '.join(changed)}; it may shard the model's parameters "
+            "and buffers (fully_shard, parallelize_module), not add, remove or rename them"
+        )
     meshes = {p.device_mesh.device_type for p in model.parameters() if isinstance(p, DTensor)}
     where = torch.device(device or next(iter(meshes), "cpu"))
     if meshes - {where.type}:
@@ -99,6 +105,12 @@ def _fill(
     return model
 
 
+def _names(model: torch.nn.Module) -> set[str]:
+    """Every parameter and buffer name of `model`, each name of a tied one."""
+    named = model.named_parameters(remove_duplicate=False)
+    return {n for n, _ in named} | {n for n, _ in model.named_buffers(remove_duplicate=False)}
+
+
 def _parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter | None:
     """The parameter `name` of `model` (None for a buffer)."""
     owner, _, attr = name.rpartition(".")
@@ -115,9 +127,7 @@ def _tie(model: torch.nn.Module, names: Sequence[str], param: torch.nn.Parameter
 def _first(tensors: Mapping[str, torch.Tensor], groups: Groups, name: str) -> torch.Tensor:
     """The checkpoint's tensor for parameter `name`, under any name of its tied group."""
     group = next((g for g in groups if name in g), (name,))
-    if (found := next((tensors[n] for n in group if n in tensors), None)) is None:
-        raise MetadataError(f"parameter {name!r} (made by parallelize?) has no checkpoint tensor")
-    return found
+    return tensors[next(n for n in group if n in tensors)]  # `plan` saw every group filled
 
 
 def _local_slice(full: torch.Tensor, param: Any) -> torch.Tensor:
