@@ -271,6 +271,18 @@ def test_azure_missing_container(url: str) -> None:
     )
 
 
+def test_missing_file_in_a_bucket_still_gets_the_example(
+    opts: dict[str, str], s3_server: S3Server
+) -> None:
+    url = f"s3://{s3_server.bucket}/nothing-here"
+    error = load_error(url, opts)
+    assert str(error).startswith(
+        f"{url}/metadata.json does not exist: every model folder needs a metadata.json; "
+        f"`wmtp migrate --write {url} --role ROLE` writes one"
+    )
+    assert '"loading_strategy"' in str(error)
+
+
 # -- an http:// endpoint without allow_http ----------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import html
 import re
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -78,10 +79,15 @@ def missing_files(location: str, found: Mapping[str, Any]) -> ModelFileError:
 
 
 def no_metadata(error: ModelFileError) -> ModelFileError:
-    """`error`, and when metadata.json is missing, an example of the file to write."""
-    if not str(error).endswith("metadata.json does not exist"):
+    """`error`, and when metadata.json is missing, the command that writes it and an example."""
+    if not (text := str(error)).endswith("/metadata.json does not exist"):
         return error  # the folder or its bucket is missing, or the file is not a file
-    return ModelFileError(f"{error}: every model folder needs a metadata.json; {EXAMPLE_METADATA}")
+    folder = shlex.quote(text.removesuffix("/metadata.json does not exist"))
+    return ModelFileError(
+        f"{error}: every model folder needs a metadata.json; `wmtp migrate --write {folder} "
+        "--role ROLE` writes one from the folder's config.json and checkpoint (ROLE: base_model, "
+        f"reference_model or reward_model); {EXAMPLE_METADATA}"
+    )
 
 
 def unknown_settings(path: Path, unknown: Sequence[str], known: Iterable[str]) -> OptionError:
