@@ -18,7 +18,10 @@ import wmtp
 from tests import builders
 from tests.fakestores import FakeGCS
 from tests.test_load import assert_equals_file, file_tensors
+from tests.test_migrate import NO_STRATEGY
 from wmtp import remote
+from wmtp.cli import main
+from wmtp.migrate import migrate, write_migration
 
 BUCKET = "wmtp-test"
 PART = 64 * 1024
@@ -114,3 +117,49 @@ def test_ranged_gets_pin_the_version_where_head_gave_one(
         fetch("g", {"size": 3, "e_tag": '"e"', "version": None}, tmp_path / "g")
     assert seen == [{"range": (0, 3), **pins}, {"range": (0, 3), "if_match": '"e"'}]
     assert (tmp_path / "f").read_bytes() == b"abc"
+
+
+def old_model(models: dict[str, Path], gcs: FakeGCS, tmp_path: Path) -> str:
+    folder = shutil.copytree(models["gpt2_reward"], tmp_path / "src")
+    shutil.copy(NO_STRATEGY / "tiny-reward-model" / "metadata.json", folder / "metadata.json")
+    gcs.upload_folder(folder, BUCKET, "migrate/rm")
+    return f"gs://{BUCKET}/migrate/rm"
+
+
+def test_cli_migrate_writes_back_to_gcs(
+    models: dict[str, Path], gcs: FakeGCS, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = old_model(models, gcs, tmp_path)
+    old = (NO_STRATEGY / "tiny-reward-model" / "metadata.json").read_bytes()
+    options = [f"-o{key}={value}" for key, value in gcs.options().items()]
+    assert main(["migrate", url, "--algorithm", "critic-wmtp", "--write", *options]) == 0
+    out = capsys.readouterr().out
+    backup = out.rsplit("written (old file kept at ", 1)[1].removesuffix(")\n")
+    assert backup.startswith(f"{url}/metadata.json.") and backup.endswith(".bak")
+    objects = gcs.buckets[BUCKET]
+    assert objects[backup.removeprefix(f"gs://{BUCKET}/")].data == old
+    written = objects["migrate/rm/metadata.json"].data
+    assert b'"loader_type": "huggingface"' in written
+    model = wmtp.load(url, storage_options=gcs.options(), cache_dir=tmp_path / "cache")
+    assert_equals_file(model, file_tensors(tmp_path / "src"))
+
+
+def test_migrate_write_on_gcs_refuses_a_change_meanwhile(
+    models: dict[str, Path], gcs: FakeGCS, tmp_path: Path
+) -> None:
+    url = old_model(models, gcs, tmp_path)
+    migration = migrate(url, algorithms=["critic-wmtp"], storage_options=gcs.options())
+    edited = b'{"edited": "by someone else, after write_migration read it"}'
+
+    def meddle(method: str, key: str) -> None:  # between the read and the conditional put
+        if method == "PUT" and key.endswith(".bak"):
+            gcs.put(BUCKET, "migrate/rm/metadata.json", edited)
+
+    gcs.on_request = meddle
+    with pytest.raises(wmtp.FetchError) as err:
+        write_migration(migration, storage_options=gcs.options())
+    assert str(err.value) == (
+        f"{url}/metadata.json changed since it was first read (PreconditionFailed: At least one "
+        "of the pre-conditions you specified did not hold.); run again"
+    )
+    assert gcs.buckets[BUCKET]["migrate/rm/metadata.json"].data == edited

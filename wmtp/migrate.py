@@ -148,7 +148,8 @@ def write_migration(migration: Migration, *, storage_options: StorageOptions | N
     """Write the proposed metadata.json, keeping the old one as `metadata.json.<time>.bak`.
 
     A local file is replaced atomically; a remote one is put only if it is still the
-    version read (a conditional put on its ETag), so a concurrent change is not lost.
+    version read (a conditional put on its ETag, and on its version where the store gives one:
+    GCS's generation), so a concurrent change is not lost.
 
     Returns:
         The backup's location, or "" when there was no old file.
@@ -172,13 +173,14 @@ def write_migration(migration: Migration, *, storage_options: StorageOptions | N
             tmp = root / f".metadata.json.{time.time_ns()}.tmp"
             tmp.write_bytes(new)
             tmp.replace(root / "metadata.json")
-        else:
+        else:  # GCS conditions a put on the version (generation), the others on the ETag
             if not (etag := got.meta["e_tag"]):
                 raise MetadataError(
                     f"{join(location, 'metadata.json')}: the store gives no ETag, so it cannot "
                     "be replaced only-if-unchanged; write the proposal by hand"
                 )
-            obstore.put(store, "metadata.json", new, mode={"e_tag": etag})
+            version = {"version": v} if (v := got.meta["version"]) else {}
+            obstore.put(store, "metadata.json", new, mode={"e_tag": etag, **version})
     return join(location, backup)
 
 
