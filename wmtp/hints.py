@@ -174,7 +174,7 @@ def store_error(url: str, error: Exception) -> WmtpError:
     if not isinstance(error, obx.PermissionDeniedError | obx.UnauthenticatedError):
         return FetchError(f"{url}: {cause}")
     try:
-        kind = "local" if "://" not in url else obstore.parse_scheme(url)
+        kind: str = "local" if "://" not in url else obstore.parse_scheme(url)
     except obx.BaseError:
         kind = ""
     how = CREDENTIALS.get(kind, "check the store's credentials in storage_options")

@@ -15,7 +15,7 @@ import difflib
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import obstore
@@ -36,6 +36,9 @@ from wmtp.metadata import (
 from wmtp.save import encode_metadata, file_manifest
 from wmtp.store import fetch, open_store, read_file
 from wmtp.weights import checkpoint_names
+
+if TYPE_CHECKING:
+    from obstore import UpdateVersion
 
 # Descriptive fields an old metadata.json may already carry: every schema field but those
 # migrate itself decides.
@@ -179,8 +182,10 @@ def write_migration(migration: Migration, *, storage_options: StorageOptions | N
                     f"{join(location, 'metadata.json')}: the store gives no ETag, so it cannot "
                     "be replaced only-if-unchanged; write the proposal by hand"
                 )
-            version = {"version": v} if (v := got.meta["version"]) else {}
-            obstore.put(store, "metadata.json", new, mode={"e_tag": etag, **version})
+            mode: UpdateVersion = {"e_tag": etag}
+            if version := got.meta["version"]:  # obstore takes no None for it
+                mode["version"] = version
+            obstore.put(store, "metadata.json", new, mode=mode)
     return join(location, backup)
 
 

@@ -240,7 +240,8 @@ def _getter(
         url = join(location, name)
         try:
             with translate(url):
-                stream = obstore.get(store, name, options={"range": (start, end), **pins})
+                options: Any = {"range": (start, end), **pins}
+                stream = obstore.get(store, name, options=options)
                 for chunk in stream.stream(2**20):
                     os.pwrite(fd, chunk, offset)  # streamed: no part is held whole in memory
                     offset += len(chunk)
