@@ -133,8 +133,12 @@ def test_missing_metadata_file_explains(tmp_path: Path) -> None:
     with pytest.raises(wmtp.ModelFileError) as err:
         wmtp.read_metadata(str(tmp_path))
     message = str(err.value)
-    assert f"{tmp_path}/metadata.json does not exist" in message
-    assert "every model folder needs a metadata.json" in message
+    assert message.startswith(
+        f"{tmp_path}/metadata.json does not exist: every model folder needs a metadata.json; "
+        f"`wmtp migrate --write {tmp_path} --role ROLE` writes one from the folder's config.json "
+        "and checkpoint (ROLE: base_model, reference_model or reward_model); it says how to load "
+        "the model, e.g.\n{"
+    )
     assert '"loading_strategy"' in message
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -124,6 +126,24 @@ def test_cli_migrate_prints_diff_and_writes_only_with_write(
     result = json.loads(capsys.readouterr().out)
     assert Path(result["backup"]).read_text() == old
     assert main(["check", str(folder)]) == 0
+
+
+def test_plain_folder_is_migrated_by_the_command_its_error_names(
+    models: dict[str, Path], copy: Copy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = copy(models["gpt2_reference"])
+    (folder / "metadata.json").unlink()
+    with pytest.raises(wmtp.ModelFileError) as err:
+        wmtp.load(str(folder))
+    command = re.search(r"`wmtp (migrate --write .*) ROLE`", str(err.value))
+    assert command is not None
+    args = [*shlex.split(command[1]), "reference_model", "--algorithm", "rho1-wmtp"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- /dev/null\n+++ metadata.json (proposed)\n")
+    assert out.endswith("\n+}\nwritten (no old file)\n")  # not "old file kept at None"
+    assert sorted(p.name for p in folder.iterdir() if "metadata" in p.name) == ["metadata.json"]
+    assert_equals_file(wmtp.load(str(folder)), file_tensors(folder))
 
 
 def test_migrate_on_s3_writes_back(

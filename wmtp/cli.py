@@ -330,12 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result))
     elif "diff" in result:  # a diff reads best as itself
         print(result["diff"], end="")
-        print("\n".join(f"note: {n}" for n in result["notes"]))
-        print(
-            f"written (old file kept at {result['backup']})"
-            if result["written"]
-            else "not written: run again with --write"
-        )
+        print("".join(f"note: {n}\n" for n in result["notes"]), end="")
+        kept = f"old file kept at {result['backup']}" if result["backup"] else "no old file"
+        print(f"written ({kept})" if result["written"] else "not written: run again with --write")
     else:
         print("\n".join(_text(result)))
     return 1 if problem else 0

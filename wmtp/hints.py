@@ -5,13 +5,16 @@ every module may use it."""
 from __future__ import annotations
 
 import difflib
+import html
 import re
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlparse
 
 import msgspec
+import obstore
 from obstore import exceptions as obx
 
 from wmtp.errors import (
@@ -76,10 +79,15 @@ def missing_files(location: str, found: Mapping[str, Any]) -> ModelFileError:
 
 
 def no_metadata(error: ModelFileError) -> ModelFileError:
-    """`error`, and when metadata.json is missing, an example of the file to write."""
-    if not str(error).endswith("metadata.json does not exist"):
-        return error  # the folder is missing, or the file is not a file
-    return ModelFileError(f"{error}: every model folder needs a metadata.json; {EXAMPLE_METADATA}")
+    """`error`, and when metadata.json is missing, the command that writes it and an example."""
+    if not (text := str(error)).endswith("/metadata.json does not exist"):
+        return error  # the folder or its bucket is missing, or the file is not a file
+    folder = shlex.quote(text.removesuffix("/metadata.json does not exist"))
+    return ModelFileError(
+        f"{error}: every model folder needs a metadata.json; `wmtp migrate --write {folder} "
+        "--role ROLE` writes one from the folder's config.json and checkpoint (ROLE: base_model, "
+        f"reference_model or reward_model); {EXAMPLE_METADATA}"
+    )
 
 
 def unknown_settings(path: Path, unknown: Sequence[str], known: Iterable[str]) -> OptionError:
@@ -95,29 +103,105 @@ def readable(message: str) -> str:
     return "; ".join([re.sub(r"matching regex '.*' -", "that is a path -", message), *hints])
 
 
-# Where each scheme takes its credentials from: environment variables, then storage_options.
-_AWS, _GOOGLE, _AZURE = (
-    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (storage options access_key_id / "
-    "secret_access_key, or profile)",
-    "GOOGLE_SERVICE_ACCOUNT or GOOGLE_SERVICE_ACCOUNT_KEY (storage options service_account / "
-    "service_account_key)",
-    "AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (storage options account_name / "
-    "account_key, or sas_key)",
+# What to check when a store refuses access, by obstore's kind of store (`parse_scheme`).
+_RIGHTS = "and the rights they grant"
+CREDENTIALS: Final = {
+    "s3": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (storage options access_key_id / "
+    f"secret_access_key, or profile) {_RIGHTS}",
+    "gcs": "check GOOGLE_SERVICE_ACCOUNT or GOOGLE_SERVICE_ACCOUNT_KEY (storage options "
+    f"service_account / service_account_key, or bearer_token) {_RIGHTS}",
+    "azure": "check AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (storage options "
+    f"account_name / account_key, or sas_key) {_RIGHTS}",
+    "http": "an http(s):// store sends no credentials: the URL itself must grant access (as a "
+    "presigned URL does)",
+    "local": "check the file's permissions",
+}
+# obstore's text for an HTTP error: `... status code: 404 Not Found: <body>\n\nDebug source: ...`
+_STATUS: Final = re.compile(r"status code: \d{3}[^:\n]*: (.*?)(?:\n\nDebug source:|\Z)", re.S)
+_MISSING: Final = re.compile(
+    r"NoSuchBucket|ContainerNotFound|(bucket|container) does not exist", re.I
 )
-CREDENTIALS: Final = {"s3": _AWS, "s3a": _AWS, "gs": _GOOGLE, "gcs": _GOOGLE}
-CREDENTIALS.update(dict.fromkeys(("az", "abfs", "abfss", "adl", "azure"), _AZURE))
+
+
+def server_said(error: BaseException) -> tuple[str, str]:
+    """The error code and message the server sent in the body of an HTTP error (obstore puts
+    the body in its text): the XML `<Code>` and `<Message>` of S3, GCS and Azure, or a JSON
+    error (GCS's JSON API, OAuth); ("", "") when there is none."""
+    if not (found := _STATUS.search(str(error))) or not (body := found[1].strip()):
+        return "", ""
+    if code := re.search(r"<Code>(.*?)</Code>", body, re.S):
+        message = re.search(r"<Message>(.*?)</Message>", body, re.S)
+        return html.unescape(code[1]), html.unescape(message[1] if message else "")
+    try:
+        doc = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return "", ""
+    inner = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(inner, str):  # OAuth: {"error": "invalid_grant", "error_description": ...}
+        return inner, str(doc.get("error_description", ""))
+    if not isinstance(inner, dict):
+        return "", ""
+    reasons = [e.get("reason") for e in inner.get("errors") or [] if isinstance(e, dict)]
+    reason = next(iter(reasons), None) or inner.get("status") or inner.get("code") or ""
+    return str(reason), str(inner.get("message", ""))
+
+
+def _cause(error: BaseException) -> str:
+    """What went wrong, in one line: the server's code and message, else obstore's first line."""
+    code, message = server_said(error)
+    if code:
+        return f"{code}: {message.strip().splitlines()[0]}" if message.strip() else code
+    return str(error).strip().partition("\n")[0] or type(error).__name__
 
 
 def store_error(url: str, error: Exception) -> WmtpError:
     """The wmtp error for what a store (or the file system) raised while reading `url`."""
-    cause = str(error).strip().partition("\n")[0] or type(error).__name__
+    text, cause = str(error), _cause(error)
+    if _MISSING.search(" ".join(server_said(error))):
+        return missing_bucket(url, error)
+    if isinstance(error, obx.PreconditionError):
+        return changed(url, error)
     if isinstance(error, FileNotFoundError):
+        if re.search(r"Error performing (PUT|POST) ", text):
+            return ModelFileError(f"{url} cannot be written: not found ({cause}; no such bucket?)")
         return ModelFileError(f"{url} does not exist")
+    if "BadScheme" in text and (http := re.search(r"performing \w+ (http://[^/\s]+)", text)):
+        return OptionError(
+            f"{url}: the endpoint {http[1]} is plain http, which is refused unless asked for: "
+            "pass allow_http=true in storage_options for an http:// endpoint (CLI: -o "
+            "allow_http=true)"
+        )
     if not isinstance(error, obx.PermissionDeniedError | obx.UnauthenticatedError):
         return FetchError(f"{url}: {cause}")
-    scheme = urlparse(url).scheme
-    where = CREDENTIALS.get(scheme, "the store's credentials in storage_options")
-    return StoreAccessError(f"{url}: access denied ({cause}); check {where}, and rights")
+    try:
+        kind: str = "local" if "://" not in url else obstore.parse_scheme(url)
+    except obx.BaseError:
+        kind = ""
+    how = CREDENTIALS.get(kind, "check the store's credentials in storage_options")
+    return StoreAccessError(f"{url}: access denied ({cause}); {how}")
+
+
+def missing_bucket(url: str, error: BaseException) -> ModelFileError:
+    """The error for a request to a bucket (Azure: container) the store does not have."""
+    code, message = server_said(error)
+    kind = "container" if "container" in f"{code} {message}".lower() else "bucket"
+    # s3://bucket/..., abfss://container@account.../..., https://host/bucket/...
+    parts = urlparse(url)
+    name = parts.netloc.partition("@")[0]
+    if parts.scheme in ("http", "https"):
+        name = parts.path.lstrip("/").partition("/")[0]
+    if found := re.search(r"<BucketName>(.*?)</BucketName>", str(error)):
+        name = found[1]
+    return ModelFileError(
+        f"{url}: the {kind} {name!r} does not exist ({_cause(error)}); check the {kind} name "
+        "in the URL, and the endpoint"
+    )
+
+
+def changed(url: str, error: BaseException) -> FetchError:
+    """The error for an object replaced since it was first read (a request pinned to that
+    version, by ETag or generation, was refused)."""
+    return FetchError(f"{url} changed since it was first read ({_cause(error)}); run again")
 
 
 def package_error(source: str, error: ImportError) -> PackageError:

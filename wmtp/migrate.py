@@ -15,7 +15,7 @@ import difflib
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import obstore
@@ -36,6 +36,9 @@ from wmtp.metadata import (
 from wmtp.save import encode_metadata, file_manifest
 from wmtp.store import fetch, open_store, read_file
 from wmtp.weights import checkpoint_names
+
+if TYPE_CHECKING:
+    from obstore import UpdateVersion
 
 # Descriptive fields an old metadata.json may already carry: every schema field but those
 # migrate itself decides.
@@ -148,7 +151,8 @@ def write_migration(migration: Migration, *, storage_options: StorageOptions | N
     """Write the proposed metadata.json, keeping the old one as `metadata.json.<time>.bak`.
 
     A local file is replaced atomically; a remote one is put only if it is still the
-    version read (a conditional put on its ETag), so a concurrent change is not lost.
+    version read (a conditional put on its ETag, and on its version where the store gives one:
+    GCS's generation), so a concurrent change is not lost.
 
     Returns:
         The backup's location, or "" when there was no old file.
@@ -172,13 +176,16 @@ def write_migration(migration: Migration, *, storage_options: StorageOptions | N
             tmp = root / f".metadata.json.{time.time_ns()}.tmp"
             tmp.write_bytes(new)
             tmp.replace(root / "metadata.json")
-        else:
+        else:  # GCS conditions a put on the version (generation), the others on the ETag
             if not (etag := got.meta["e_tag"]):
                 raise MetadataError(
                     f"{join(location, 'metadata.json')}: the store gives no ETag, so it cannot "
                     "be replaced only-if-unchanged; write the proposal by hand"
                 )
-            obstore.put(store, "metadata.json", new, mode={"e_tag": etag})
+            mode: UpdateVersion = {"e_tag": etag}
+            if version := got.meta["version"]:  # obstore takes no None for it
+                mode["version"] = version
+            obstore.put(store, "metadata.json", new, mode=mode)
     return join(location, backup)
 
 

@@ -3,10 +3,11 @@
 and the cache of their files, crash-safe: `<cache>/<location>-<hash>/<version>/<name>`.
 
 A file is downloaded once per version (its ETag): ranged GETs of `PART_SIZE` on plain threads
-(obstore's sync calls release the GIL), each pinned to the ETag with If-Match, streamed into a
-temporary file named after its owner, fsynced, then renamed. A lock per file makes processes
-download it once; correctness never depends on it, as a process deletes only its own
-temporary files or those of a dead process on the same host.
+(obstore's sync calls release the GIL), each pinned to the ETag with If-Match (and to the
+version, where the store gives one: GCS's generation), streamed into a temporary file named
+after its owner, fsynced, then renamed. A lock per file makes processes download it once;
+correctness never depends on it, as a process deletes only its own temporary files or those
+of a dead process on the same host.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from urllib.parse import urlparse
 
 import obstore
 from filelock import FileLock
-from obstore.store import ObjectStore, from_url
+from obstore.store import ObjectStore, S3Store, from_url
 from tqdm import tqdm
 
-from wmtp.errors import FetchError, IntegrityError, OptionError
+from wmtp.errors import FetchError, IntegrityError, ModelFileError, OptionError
 from wmtp.location import PARALLEL, StorageOptions, join, translate
 from wmtp.metadata import FileEntry
 
@@ -232,22 +233,35 @@ def _getter(
     parts: ThreadPoolExecutor,
     advance: Callable[[int], object],
 ) -> Callable[[str, Any, Path], None]:
-    def part(name: str, etag: str | None, fd: int, end: int) -> None:
-        # If-Match pins every part to the version HEAD saw: a replaced object fails.
+    s3 = isinstance(store, S3Store)
+
+    def part(name: str, pins: dict[str, str], fd: int, end: int) -> None:
         start = offset = (end - 1) // PART_SIZE * PART_SIZE
-        options: Any = {"range": (start, end)} | ({"if_match": etag} if etag else {})
-        with translate(url := join(location, name)):
-            for chunk in obstore.get(store, name, options=options).stream(2**20):
-                os.pwrite(fd, chunk, offset)  # streamed: no part is held whole in memory
-                offset += len(chunk)
-                advance(len(chunk))
+        url = join(location, name)
+        try:
+            with translate(url):
+                options: Any = {"range": (start, end), **pins}
+                stream = obstore.get(store, name, options=options)
+                for chunk in stream.stream(2**20):
+                    os.pwrite(fd, chunk, offset)  # streamed: no part is held whole in memory
+                    offset += len(chunk)
+                    advance(len(chunk))
+        except ModelFileError as e:  # HEAD found it: the version the part is pinned to is gone
+            from wmtp.hints import changed
+
+            raise changed(url, e.__cause__ or e) from e
         if offset != end:
             raise FetchError(f"{url}: the part at byte {start} ended at {offset}, not {end}")
         if _SYNC_FILE_RANGE is not None:  # SYNC_FILE_RANGE_WRITE: start writeback, no wait
             _SYNC_FILE_RANGE(fd, ctypes.c_int64(start), ctypes.c_int64(end - start), 2)
 
     def get(name: str, meta: Any, dest: Path) -> None:
-        size, etag = int(meta["size"]), meta.get("e_tag")
+        size = int(meta["size"])
+        # Every part is pinned to the version HEAD saw, by its ETag (If-Match) and, where the
+        # store gives one, its version (GCS's generation; not S3's, as If-Match pins it there
+        # and a versionId would need s3:GetObjectVersion rights): a replaced object fails.
+        pins = {"if_match": meta.get("e_tag"), "version": None if s3 else meta.get("version")}
+        pins = {k: v for k, v in pins.items() if v}
         dest.parent.mkdir(parents=True, exist_ok=True)
         with _locked(dest):
             if _complete(dest, size):  # another process finished it while we waited
@@ -257,7 +271,7 @@ def _getter(
                 with tmp.open("xb") as f:
                     f.truncate(size)
                     ends = [min(s + PART_SIZE, size) for s in range(0, size, PART_SIZE)]
-                    _wait([parts.submit(part, name, etag, f.fileno(), e) for e in ends])
+                    _wait([parts.submit(part, name, pins, f.fileno(), e) for e in ends])
                     os.fsync(f.fileno())
                 check_hash(location, name, manifest, tmp)
                 tmp.replace(dest)

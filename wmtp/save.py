@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 import obstore
 
-from wmtp.errors import MetadataError, ModelFileError, OptionError
+from wmtp.errors import MetadataError, OptionError
 from wmtp.location import PARALLEL, StorageOptions, join, local_root, translate
 from wmtp.metadata import CustomMTP, FileEntry, HuggingFace, Metadata, WmtpType
 from wmtp.store import open_store
@@ -165,12 +165,8 @@ def _save_tokenizer(tokenizer: Any, folder: Path) -> tuple[str, ...]:
 def _upload(store: ObjectStore, location: str, folder: Path, name: str) -> None:
     """Put `folder/name` at `location`; obstore sends a file over `PART_SIZE` in parts, `PARALLEL`
     at once, and aborts the multipart upload when a part or its completion fails."""
-    url = join(location, name)
-    try:
-        with translate(url):
-            obstore.put(store, name, folder / name, chunk_size=PART_SIZE, max_concurrency=PARALLEL)
-    except ModelFileError:  # the store answered "not found" to a PUT
-        raise ModelFileError(f"{url} cannot be written: not found (no such bucket?)") from None
+    with translate(join(location, name)):  # a missing bucket is named (`hints.store_error`)
+        obstore.put(store, name, folder / name, chunk_size=PART_SIZE, max_concurrency=PARALLEL)
 
 
 def _write(path: Path, data: bytes) -> None:
