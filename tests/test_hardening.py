@@ -5,6 +5,11 @@ metadata, and bad `storage_options` are option errors naming the key."""
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,10 +193,10 @@ def test_storage_options_of_the_wrong_type_are_option_errors(options: Any, named
 def test_option_values_obstore_takes_are_taken(clean_env: pytest.MonkeyPatch) -> None:
     from datetime import timedelta
 
-    options = {"max_retries": 0, "retry_timeout": 1.5, "skip_signature": True,
+    options: Any = {"max_retries": 0, "retry_timeout": 1.5, "skip_signature": True,
                "timeout": timedelta(seconds=5), "default_headers": {"x-a": "b"},
                "aws_allow_http": "true", "AWS_HTTP2_ONLY": "false"}  # fmt: skip
-    store = remote.open_remote("s3://b/m", options)
+    store: Any = remote.open_remote("s3://b/m", options)
     assert store.client_options is not None
     assert store.client_options["allow_http"] == "true"
     assert store.client_options["http2_only"] == "false"
@@ -220,3 +225,155 @@ def test_an_aws_file_that_does_not_parse_is_named(
     clean_env.setenv("AWS_PROFILE", "p")
     assert main(["check", "s3://b/m", "-o", "endpoint=http://127.0.0.1:9"]) == 1
     assert str(files[broken]) in capsys.readouterr().out
+
+
+# 2. save: its arguments and destination are checked before anything is written.
+
+SAVE_ARGS: dict[str, Any] = {"wmtp_type": "base_model", "algorithm_compatibility": ["baseline-mtp"]}
+
+
+@pytest.fixture(scope="module")
+def small() -> Any:
+    """A small transformers model to save."""
+    return builders.hf_model(
+        "AutoModelForCausalLM", builders.fixture_config("distilgpt2", **builders.GPT2_SHRINK_ALL)
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        ({"algorithm_compatibility": "baseline-mtp"}, "algorithm_compatibility='baseline-mtp'"),
+        ({"wmtp_type": "bogus_model"}, "'base_model', 'reference_model', 'reward_model'"),
+        ({"wmtp_type": None}, "wmtp_type=None"),
+        ({"algorithm_compatibility": ["a", 5]}, "$.algorithm_compatibility[1]"),
+        ({"training_algorithm": 5}, "training_algorithm=5"),
+        ({"base_architecture": ["gpt2"]}, "base_architecture=['gpt2']"),
+        ({"transformers_class": ""}, "transformers_class=''"),
+    ],
+)
+def test_save_checks_its_arguments_before_writing(
+    args: dict[str, Any], named: str, small: Any, tmp_path: Path
+) -> None:
+    with pytest.raises(wmtp.OptionError) as err:
+        wmtp.save(small, tmp_path / "m", **(SAVE_ARGS | args))
+    assert named in str(err.value)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(wmtp.OptionError):  # a URL too, before the store is touched
+        wmtp.save(small, "s3://b/m", **(SAVE_ARGS | args), storage_options={"bogus": "1"})
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody can write into, root included (chattr +i), holding a saved model."""
+    folder = tmp_path / "read-only"
+    builders.save_gpt2_reference(folder)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("root writes anywhere here, and chattr +i does not work on this file system")
+    try:
+        yield folder
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_save_destinations_that_cannot_be_written_are_named(
+    small: Any, tmp_path: Path, read_only: Path
+) -> None:
+    (file := tmp_path / "file").write_text("x")
+    cases = {
+        file: "is a file, not a folder",
+        file / "sub": f"lies under a file ({file})",
+        Path("/proc/x"): "cannot be written",
+        read_only: "cannot be written",
+        read_only / "new": "cannot be written",
+    }
+    before = sorted(p.name for p in read_only.iterdir())
+    for dest, words in cases.items():
+        with pytest.raises(wmtp.OptionError) as err:
+            wmtp.save(small, dest, **SAVE_ARGS)
+        assert str(err.value).startswith(f"save destination {dest} {words}"), err.value
+    assert file.read_text() == "x"
+    assert sorted(p.name for p in read_only.iterdir()) == before
+    wmtp.load(str(read_only))  # still whole
+
+
+def test_save_refuses_an_empty_destination_and_expands_home(
+    small: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (here := tmp_path / "here").mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("HOME", str(home := tmp_path / "home"))
+    with pytest.raises(wmtp.OptionError, match="destination is empty"):
+        wmtp.save(small, "", **SAVE_ARGS)
+    with pytest.raises(wmtp.ModelFileError, match="location is empty"):
+        wmtp.load("")
+    wmtp.save(small, "~/x", **SAVE_ARGS)
+    assert not list(here.iterdir())  # no ./~/x
+    assert (home / "x" / "metadata.json").is_file()
+    wmtp.load("~/x")
+
+
+def test_save_refuses_a_model_on_the_meta_device(tmp_path: Path) -> None:
+    import torch
+
+    with torch.device("meta"):
+        model = builders.hf_model("AutoModelForCausalLM", builders.GPT2_SHRINK_ALL | {
+            "model_type": "gpt2"})  # fmt: skip
+    with pytest.raises(wmtp.OptionError, match=r"on the meta device \(first: 'transformer"):
+        wmtp.save(model, tmp_path / "m", **SAVE_ARGS)
+    assert not (tmp_path / "m").exists()
+
+
+def test_save_refuses_a_class_defined_in_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    # What `python -c` (or a notebook) leaves: a __main__ module without a file.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    base = type(builders.mtp_model())
+    model = type("Interactive", (base,), {"__module__": "__main__"})(builders.mtp_model().config)
+    with pytest.raises(wmtp.OptionError) as err:
+        wmtp.save(model, tmp_path / "m", **SAVE_ARGS)
+    assert "Interactive (module '__main__') is defined in no .py file" in str(err.value)
+    assert not (tmp_path / "m").exists()
+
+
+# Stops `save` at `sys.argv[2]` (a name in wmtp.save) and says so; the parent kills it there.
+STALL = """
+import importlib, sys, time
+from tests import builders
+module = importlib.import_module("wmtp.save")
+def stall(*args, **kwargs):
+    print("stalled", flush=True)
+    time.sleep(600)
+setattr(module, sys.argv[2], stall)
+module.save(builders.mtp_model(seed=1), sys.argv[1], wmtp_type="base_model",
+            algorithm_compatibility=["baseline-mtp"])
+"""
+
+
+@pytest.mark.parametrize("where", ["_write", "file_manifest"])  # the first file; the last
+def test_a_save_killed_over_a_model_leaves_no_metadata_over_new_files(
+    where: str, models: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = shutil.copytree(models["mtp"], tmp_path / "mtp")
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": str(root)}
+    with subprocess.Popen(
+        [sys.executable, "-c", STALL, str(folder), where],
+        stdout=subprocess.PIPE,
+        cwd=root,
+        env=env,
+    ) as child:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"stalled\n"
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not (folder / "metadata.json").exists()
+    with pytest.raises(wmtp.ModelFileError, match=r"metadata\.json does not exist"):
+        wmtp.load(str(folder), trust_code=True)
