@@ -78,7 +78,8 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def options_for(location: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The flat options of `location`: `storage_options` itself, or, when its keys are URL
     prefixes (`{"s3://bucket-a/": {...}, "https://host/": {...}}`), the options of the longest
-    one that `location` lies under (none: the environment alone); `OptionError` for a mix."""
+    one that `location` lies under (none: the environment alone); `OptionError` for a mix, a
+    key that is no string, or a value obstore does not take (say `5` or `None`)."""
     if not isinstance(storage_options, Mapping | None):
         raise OptionError(
             f"storage_options must be a mapping of option names to values, not "
