@@ -1,5 +1,8 @@
 """How wmtp meets hostile inputs: crafted safetensors files, fuzzed metadata.json and
-config.json, bad command-line and load options, and `resolve` candidates that cannot be read.
+config.json, bad command-line and load options, `resolve` candidates that cannot be read,
+`save` given bad arguments, destinations and models (or killed over a model), `storage_options`
+of the wrong types and broken AWS files, and two S3 servers (a mirror answering with the other
+one's ETags) sharing one download cache.
 
     python -m benchmarks.hostile [--quick] [--out benchmarks/results/hostile] [--only TEXT]
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import math
@@ -613,6 +617,294 @@ def candidates(models: Mapping[str, Path], work: Path) -> list[Case]:
     return cases
 
 
+# save: its arguments, its destination, its model, and a save killed over a model.
+
+SAVE: Final = {"wmtp_type": "base_model", "algorithm_compatibility": ["baseline-mtp"]}
+
+
+@contextlib.contextmanager
+def environ(changes: Mapping[str, str | None]) -> Any:
+    """The child's environment with `changes` (None: unset), restored after."""
+    old = {k: os.environ.get(k) for k in changes}
+    try:
+        setenv(changes)
+        yield
+    finally:
+        setenv(old)
+
+
+def setenv(values: Mapping[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def small_model(kind: str) -> Any:
+    """A small GPT-2 to save: plain, on the meta device, or of a class defined in no file
+    (as `python -c` or a notebook defines it: a `__main__` without a file)."""
+    import torch
+
+    config = builders.fixture_config("distilgpt2", **builders.GPT2_SHRINK_ALL)
+    if kind == "meta":
+        with torch.device("meta"):
+            return builders.hf_model("AutoModelForCausalLM", config)
+    model = builders.hf_model("AutoModelForCausalLM", config)
+    if kind == "interactive":
+        model.__class__ = type("Interactive", (type(model),), {"__module__": "__main__"})
+    return model
+
+
+def differs(model: Any, folder: Path) -> str:
+    """What differs between `model` and the checkpoint in `folder` ("" if nothing)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = model.state_dict()
+    for key, tensor in load_file(folder / "model.safetensors").items():
+        if key not in state or not torch.equal(state[key], tensor):
+            return f"{key} is not the checkpoint's"
+    return ""
+
+
+def api_save(dest: str, args: dict[str, Any], kind: str, home: str) -> Answer:
+    """`wmtp.save(model, dest, **args)` run from an empty folder under `home` ($HOME), then
+    the saved folder loaded back: ok when it equals the model and lies where `dest` says."""
+    import sys
+    import types
+
+    import wmtp
+
+    model, cwd, main = small_model(kind), Path(home) / "cwd", sys.modules["__main__"]
+    cwd.mkdir(parents=True, exist_ok=True)
+    try:
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        with environ({"HOME": home}), contextlib.chdir(cwd):
+            wmtp.save(model, dest, **(SAVE | args))
+            where = Path(os.path.expanduser(dest)).absolute()  # noqa: PTH111 (as load reads it)
+            if any(cwd.iterdir()):
+                return 0, "", f"wrote into {cwd}: {sorted(p.name for p in cwd.iterdir())}"
+            return 0, str(where), differs(wmtp.load(str(where)), where)
+    finally:
+        sys.modules["__main__"] = main
+
+
+def api_killed_save(folder: str, where: str) -> Answer:
+    """A save over the model in `folder` killed (SIGKILL) when it reaches `where` (a name in
+    wmtp.save), then `wmtp.load(folder)`: it must fail, naming metadata.json."""
+    import importlib
+    import signal
+
+    import wmtp
+
+    model, (read, write) = builders.mtp_model(seed=1), os.pipe()
+    if (pid := os.fork()) == 0:  # the child stops in the save and waits to be killed
+        try:
+            os.close(read)
+            module = importlib.import_module("wmtp.save")
+
+            def stall(*args: Any, **kwargs: Any) -> None:
+                os.write(write, b"x")
+                time.sleep(600)
+
+            setattr(module, where, stall)
+            module.save(model, folder, **SAVE)  # no obstore call before either stop
+        finally:
+            os._exit(1)
+    os.close(write)
+    stalled = os.read(read, 1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(read)
+    if not stalled:
+        return 1, "the save never reached " + where, ""
+    import torch
+
+    loaded, new = (
+        wmtp.load(folder, trust_code=True, progress=False).state_dict(),
+        model.state_dict(),
+    )
+    what = "new weights" if all(torch.equal(t, new[k]) for k, t in loaded.items()) else "a model"
+    return 0, "", f"load returned {what} under the old metadata.json after a save was killed"
+
+
+def read_only(folder: Path, stack: contextlib.ExitStack) -> bool:
+    """Make `folder` unwritable, root included (chattr +i), until `stack` closes; False when
+    this file system cannot."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        stack.callback(folder.chmod, 0o755)
+        return True
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        return False
+    stack.callback(subprocess.run, ["chattr", "-i", str(folder)], check=False)
+    return True
+
+
+def saves(models: Mapping[str, Path], work: Path, stack: contextlib.ExitStack) -> list[Case]:
+    """`save` given arguments the metadata cannot hold, destinations it cannot write, models
+    it cannot save, and killed over a model."""
+    root, home = work / "save", str(work / "save" / "home")
+    builders.save_gpt2_reference(locked := root / "read-only")
+    (file := root / "file").write_text("x")
+    dests: list[tuple[Expect, str, Path | str, tuple[str, ...]]] = [
+        ("refuse", "an empty destination", "", ("empty",)),
+        ("refuse", "a file", file, (str(file),)),
+        ("refuse", "a path under a file", file / "m", (str(file / "m"),)),
+        ("refuse", "/proc/x", "/proc/x", ("/proc/x",)),
+        ("ok", "~/m (expanded)", "~/m", ()),
+        ("ok", "a new folder (valid)", root / "new", ()),
+        ("ok", "over a saved model (valid)", root / "again", ()),
+    ]
+    builders.save_gpt2_reference(root / "again")
+    if read_only(locked, stack):
+        dests += [("refuse", "a read-only folder holding a model", locked, (str(locked),))]
+        dests += [("refuse", "a new folder in a read-only one", locked / "m", (str(locked),))]
+    family, cases = "save: destinations, arguments, models", []
+    for expect, name, dest, naming in dests:
+        runs: list[Run] = [("save", api_save, (str(dest), {}, "plain", home))]
+        cases.append(Case(family, f"destination: {name}", fixed(runs), naming, expect))
+    bad: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
+        ("algorithm_compatibility a string", {"algorithm_compatibility": "baseline-mtp"},
+         ("algorithm_compatibility",)),
+        ("wmtp_type bogus_model", {"wmtp_type": "bogus_model"}, ("'reference_model'",)),
+        ("wmtp_type None", {"wmtp_type": None}, ("wmtp_type",)),
+        ("training_algorithm 5", {"training_algorithm": 5}, ("training_algorithm",)),
+        ("algorithm_compatibility [5]", {"algorithm_compatibility": [5]},
+         ("algorithm_compatibility",)),
+        ("transformers_class ''", {"transformers_class": ""}, ("transformers_class",)),
+    ]  # fmt: skip
+    for name, args, naming in bad:
+        runs = [("save", api_save, (str(root / "args"), args, "plain", home))]
+        cases.append(Case(family, f"argument: {name}", fixed(runs), naming))
+    for kind, named in [("meta", "meta device"), ("interactive", "Interactive")]:
+        runs = [("save", api_save, (str(root / kind), {}, kind, home))]
+        title = {"meta": "on the meta device", "interactive": "a class from `python -c`"}[kind]
+        cases.append(Case(family, f"model: {title}", fixed(runs), (named,)))
+    for where, when in [("_write", "at its first file"), ("file_manifest", "after the weights")]:
+        folder = root / f"killed-{where}"
+        shutil.copytree(models["mtp"], folder)
+        runs = [("save", api_killed_save, (str(folder), where))]
+        cases.append(Case(family, f"killed {when}, over a model", fixed(runs), ("metadata.json",)))
+    return cases
+
+
+# storage_options of the wrong type, and AWS files that do not parse (an s3:// location on a
+# closed port: nothing is ever reached).
+
+
+def api_options(location: str, options: Any, env: dict[str, str | None]) -> Answer:
+    import wmtp
+    from wmtp import remote
+
+    remote._boto3_provider.cache_clear()
+    with environ(env):
+        wmtp.load(location, storage_options=options, progress=False)
+    return 0, "", "loaded a model from a closed port"
+
+
+def api_cli_env(argv: list[str], env: dict[str, str | None]) -> Answer:
+    from wmtp import remote
+
+    remote._boto3_provider.cache_clear()
+    with environ(env):
+        return api_cli(argv)
+
+
+def storage(work: Path) -> list[Case]:
+    """`storage_options` that are no mapping of strings, and AWS profiles in broken files."""
+    url, family = "s3://bucket/model", "storage options"
+    flat: list[tuple[str, Any, tuple[str, ...]]] = [
+        ("a string", "region=us-east-1", ("storage_options", "region=us-east-1")),
+        ("a list", ["region"], ("storage_options",)),
+        ("region 5", S3_OPTIONS | {"region": 5}, ("'region'",)),
+        ("region None", S3_OPTIONS | {"region": None}, ("'region'",)),
+        ("endpoint as bytes", S3_OPTIONS | {"endpoint": b"http://127.0.0.1:9"}, ("'endpoint'",)),
+        ("a key that is a number", {5: "x"}, ("5",)),
+        ("a prefix's value None", {"s3://bucket/": {"region": None}}, ("'region'",)),
+        ("a prefix's options a string", {"s3://bucket/": "region=x"}, ("s3://bucket/",)),
+        ("allow_http as aws_allow_http", S3_OPTIONS | {"aws_allow_http": "true"}, (url,)),
+        ("max_retries as the number 0 (valid)", S3_OPTIONS | {"max_retries": 0}, (url,)),
+    ]
+    cases = []
+    for name, options, naming in flat:
+        runs: list[Run] = [("load", api_options, (url, options, {}))]
+        cases.append(Case(family, f"storage_options: {name}", fixed(runs), naming))
+    (aws := work / "aws").mkdir()
+    good = "[p]\naws_access_key_id = a\naws_secret_access_key = b\n"
+    for broken in ("config", "credentials"):
+        files = {"credentials": aws / f"{broken}-credentials", "config": aws / f"{broken}-config"}
+        files["credentials"].write_text(good)
+        files["config"].write_text("[profile p]\nregion = us-east-1\n")
+        files[broken].write_text("[p\nthis is no INI file\n")
+        env: dict[str, str | None] = {"AWS_CONFIG_FILE": str(files["config"]),
+               "AWS_SHARED_CREDENTIALS_FILE": str(files["credentials"]), "AWS_PROFILE": None,
+               "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}  # fmt: skip
+        options = {k: v for k, v in S3_OPTIONS.items() if "access" not in k}
+        runs = [("load", api_options, (url, options | {"profile": "p"}, env))]
+        argv = ["check", url, *(a for k, v in options.items() for a in ("-o", f"{k}={v}"))]
+        runs.append(("cli", api_cli_env, (argv, env | {"AWS_PROFILE": "p"})))
+        naming = (str(files[broken]),)
+        cases.append(Case(family, f"AWS {broken} file that does not parse", fixed(runs), naming))
+    return cases
+
+
+# The download cache across two servers: a mirror that answers with the real server's ETags
+# must never have its files (or its modeling.py) used for the real server, whichever of
+# obstore's names gives the endpoint.
+
+ENDPOINTS: Final = ["endpoint", "aws_endpoint", "endpoint_url", "aws_endpoint_url",
+                    "AWS_ENDPOINT_URL", "env AWS_ENDPOINT_URL", "env AWS_ENDPOINT"]  # fmt: skip
+
+
+def api_servers(url: str, alias: str, mirror: str, real: str, cache: str, want: str) -> Answer:
+    """Load `url` from `mirror`, then from `real` (`alias` giving the endpoint), one cache."""
+    import wmtp
+
+    options = {k: v for k, v in S3_OPTIONS.items() if k != "endpoint"}
+    loaded = []
+    for endpoint in (mirror, real):
+        env: dict[str, str | None] = {"AWS_ENDPOINT_URL": None, "AWS_ENDPOINT": None}
+        given = dict(options)
+        if alias.startswith("env "):
+            env[alias.removeprefix("env ")] = endpoint
+        else:
+            given[alias] = endpoint
+        with environ(env):
+            loaded.append(wmtp.load(url, storage_options=given, cache_dir=cache, trust_code=True))
+    if wrong := differs(loaded[1], Path(want)):
+        return 0, "", f"the real server's load returned the mirror's weights ({wrong})"
+    folders = {p.parent.parent for p in Path(cache).rglob("model.safetensors")}
+    return 0, "", "" if len(folders) == 2 else "one cache folder for two servers"
+
+
+def servers(models: Mapping[str, Path], work: Path, stack: contextlib.ExitStack) -> list[Case]:
+    """Two S3 servers on 127.0.0.1 that give each file the same ETag: the real model, and a
+    mirror's other weights (same sizes, same modeling.py)."""
+    from tests.s3mirror import start_mirror
+
+    other = builders.save_mtp(work / "servers" / "mirror", seed=1)
+    real: dict[str, tuple[bytes, str]] = {}
+    fake: dict[str, tuple[bytes, str]] = {}
+    for path in sorted(models["mtp"].iterdir()):
+        etag = f'"{hashlib.md5(path.read_bytes()).hexdigest()}"'  # as S3 gives it
+        real[f"bucket/m/{path.name}"] = (path.read_bytes(), etag)
+        fake[f"bucket/m/{path.name}"] = ((other / path.name).read_bytes(), etag)
+    mirrors = [start_mirror(fake), start_mirror(real)]
+    for server in mirrors:
+        stack.callback(server.shutdown)
+    cases = []
+    for alias in ENDPOINTS:
+        cache = str(work / "servers" / "cache" / alias.replace(" ", "-"))
+        args = ("s3://bucket/m", alias, *(m.endpoint for m in mirrors), cache, str(models["mtp"]))
+        runs: list[Run] = [("load", api_servers, args)]
+        cases.append(Case("cache across servers", f"endpoint by {alias}", fixed(runs), (), "ok"))
+    return cases
+
+
 def judge(
     api: str, outcome: sandbox.Outcome, refused: str, load: Verdict | None
 ) -> tuple[Verdict, str]:
@@ -728,6 +1020,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fuzzed": lambda: fuzzed(models, work, 150 if args.quick else 670, args.seed),
             "options": lambda: options(models, work),
             "resolve": lambda: candidates(models, work),
+            "save": lambda: saves(models, work, stack),
+            "storage": lambda: storage(work),
+            "servers": lambda: servers(models, work, stack),
         }
         results: list[Result] = []
         for family, cases in families.items():

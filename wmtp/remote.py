@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import re
 import socket
@@ -25,10 +26,10 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlparse
 
 import obstore
 from filelock import FileLock
+from obstore.exceptions import BaseError, UnknownConfigurationKeyError
 from obstore.store import ObjectStore, S3Store, from_url
 from tqdm import tqdm
 
@@ -37,18 +38,29 @@ from wmtp.location import PARALLEL, StorageOptions, join, translate
 from wmtp.metadata import FileEntry
 
 # obstore's HTTP client settings go to `client_options`, not to the store's config, where
-# obstore panics on them.
+# obstore panics on them (under any of their names: `allow_http`, `aws_allow_http`...).
 CLIENT_KEYS: Final = frozenset(
     "allow_http allow_invalid_certificates connect_timeout default_content_type "
     "default_headers http1_only http2_keep_alive_interval http2_keep_alive_timeout "
-    "http2_keep_alive_while_idle http2_only pool_idle_timeout pool_max_idle_per_host "
-    "proxy_ca_certificate proxy_excludes proxy_url randomize_addresses read_timeout "
-    "root_certificate timeout user_agent".split()
+    "http2_keep_alive_while_idle http2_max_frame_size http2_only pool_idle_timeout "
+    "pool_max_idle_per_host proxy_ca_certificate proxy_excludes proxy_url randomize_addresses "
+    "read_timeout root_certificate timeout user_agent".split()
 )
 # Model files are large: obstore's 30 s limit on a whole request would cut a slow part. A
 # part is at most 16 MiB, so 300 s allows 56 KB/s; a stalled read fails after 60 s.
 CLIENT_DEFAULTS: Final = {"connect_timeout": "10s", "timeout": "300s", "read_timeout": "60s"}
-ENV_PREFIXES: Final = dict(s3="AWS_", s3a="AWS_", gs="GOOGLE_", az="AZURE_", abfs="AZURE_")
+# The variables obstore's stores read (by `obstore.parse_scheme`), as `<prefix><KEY>`.
+ENV_PREFIXES: Final = dict(s3="AWS_", gcs="GOOGLE_", azure="AZURE_")
+# The cache key: what never says which server answers (credentials, timings) is left out.
+SECRET: Final = re.compile(r"secret|token|key|password|credential|authorization|cookie", re.I)
+TIMING: Final = frozenset(k for k in CLIENT_KEYS if re.search(r"timeout|pool|keep_alive|frame|"
+                          r"only|user_agent|content_type|randomize", k))  # fmt: skip
+# Variables the HTTP client itself reads (proxies, trusted certificates) and Azurite's URL.
+TRANSPORT_ENV: Final = frozenset(
+    "HTTP_PROXY HTTPS_PROXY ALL_PROXY NO_PROXY SSL_CERT_FILE SSL_CERT_DIR "
+    "AZURITE_BLOB_STORAGE_URL".split()
+)
+NUMBERS: Final = frozenset({"max_retries", "retry_timeout"})  # wmtp's own: numbers welcome
 Manifest = Mapping[str, FileEntry]
 PART_SIZE: Final = 16 * 2**20
 HOST: Final = socket.gethostname()
@@ -67,10 +79,17 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def options_for(location: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The flat options of `location`: `storage_options` itself, or, when its keys are URL
     prefixes (`{"s3://bucket-a/": {...}, "https://host/": {...}}`), the options of the longest
-    one that `location` lies under (none: the environment alone); `OptionError` for a mix."""
-    options = dict(storage_options or {})
+    one that `location` lies under (none: the environment alone); `OptionError` for a mix, a
+    key that is no string, or a value obstore does not take (say `5` or `None`)."""
+    if not isinstance(storage_options, Mapping | None):
+        raise OptionError(
+            f"storage_options must be a mapping of option names to values, not "
+            f"{type(storage_options).__name__} ({storage_options!r:.60}); e.g. "
+            '{"region": "us-east-1"} (CLI: -o region=us-east-1)'
+        )
+    options = _named(dict(storage_options or {}), "storage_options")
     if not (prefixes := [k for k in options if "://" in k]):
-        return options
+        return _valued(options)
     if flat := sorted(options.keys() - prefixes):
         raise OptionError(
             f"storage_options mixes URL prefixes ({', '.join(prefixes)}) with flat keys "
@@ -82,7 +101,28 @@ def options_for(location: str, storage_options: Mapping[str, Any] | None) -> dic
         return {}
     if not isinstance(found := options[prefix := max(under, key=len)], Mapping):
         raise OptionError(f"storage_options[{prefix!r}] must be a mapping of options")
-    return dict(found)
+    return _valued(_named(dict(found), f"storage_options[{prefix!r}]"))
+
+
+def _named(options: dict[Any, Any], where: str) -> dict[str, Any]:
+    """`options`, unless a key is no string (`OptionError` naming it)."""
+    if wrong := [k for k in options if not isinstance(k, str)]:
+        raise OptionError(f"{where} has a key that is not an option name: {wrong[0]!r}")
+    return options
+
+
+def _valued(options: dict[str, Any]) -> dict[str, Any]:
+    """`options`, unless a value is not one obstore takes (a string, a bool, a timedelta; a
+    mapping for `default_headers`; a number for `NUMBERS`): `OptionError` naming its key."""
+    for key, value in options.items():
+        ok = str | bool | timedelta | (int | float if key in NUMBERS else str)
+        ok |= Mapping if key == "default_headers" else str
+        if not isinstance(value, ok):
+            raise OptionError(
+                f"storage option {key!r} is {value!r} ({type(value).__name__}); give a string, "
+                f'e.g. {{"{key}": "..."}} (CLI: -o {key}=...), or leave the option out'
+            )
+    return options
 
 
 def open_remote(location: str, storage_options: StorageOptions | None = None) -> ObjectStore:
@@ -99,10 +139,13 @@ def open_remote(location: str, storage_options: StorageOptions | None = None) ->
     and `$AWS_CONFIG_FILE` (default `~/.aws/credentials`, `~/.aws/config`), with its region
     unless the options or `AWS_REGION` / `AWS_DEFAULT_REGION` give one."""
     config: dict[str, Any] = options_for(location, storage_options)
+    with translate(location):
+        prefix = ENV_PREFIXES.get(obstore.parse_scheme(location.rstrip("/")), "")
     # obstore reads client settings from the environment only when given no client options.
-    prefix = ENV_PREFIXES.get(urlparse(location).scheme, "")
     client = {k: v for k in CLIENT_KEYS if (v := os.environ.get(f"{prefix}{k.upper()}"))}
-    client = CLIENT_DEFAULTS | client | {k: config.pop(k) for k in CLIENT_KEYS & config.keys()}
+    named = {k: k.lower().removeprefix(prefix.lower()) for k in config}  # aws_allow_http...
+    client |= {n: config.pop(k) for k, n in named.items() if n in CLIENT_KEYS}
+    client = CLIENT_DEFAULTS | client
     client |= {"allow_http": "true"} if location.startswith("http://") else {}  # as asked
     try:
         retry: Any = {"max_retries": int(config.pop("max_retries", 5))}  # backoff: obstore's
@@ -139,14 +182,8 @@ def _profile(location: str, config: dict[str, Any], s3: bool) -> Any:
     if not (name := chosen or (None if env_keys else env.get("AWS_PROFILE"))):
         return None
     how = "storage option profile" if chosen else "AWS_PROFILE"
-    files = [
-        Path(env.get(var) or default).expanduser()
-        for var, default in [
-            ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
-            ("AWS_CONFIG_FILE", "~/.aws/config"),
-        ]
-    ]
-    stamps = tuple((str(f), f.stat().st_mtime_ns if f.exists() else None) for f in files)
+    stamps = _aws_files()
+    files = [Path(f) for f, _ in stamps]
     aws_env = tuple(sorted((k, v) for k, v in env.items() if k.startswith("AWS_")))
     try:
         provider, region = _boto3_provider(str(name), stamps, aws_env)
@@ -161,6 +198,19 @@ def _profile(location: str, config: dict[str, Any], s3: bool) -> Any:
     if region and not keys.keys() & {"region", "default_region"} and not env.get("AWS_REGION"):
         config["region"] = region
     return provider
+
+
+def _aws_files() -> tuple[tuple[str, int | None], ...]:
+    """The AWS credentials and config files (`$AWS_SHARED_CREDENTIALS_FILE`, `$AWS_CONFIG_FILE`,
+    default `~/.aws/credentials`, `~/.aws/config`), each with its mtime (None: missing)."""
+    files = [
+        Path(os.environ.get(var) or default).expanduser()
+        for var, default in [
+            ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+            ("AWS_CONFIG_FILE", "~/.aws/config"),
+        ]
+    ]
+    return tuple((str(f), f.stat().st_mtime_ns if f.exists() else None) for f in files)
 
 
 @functools.lru_cache(maxsize=16)
@@ -178,6 +228,8 @@ def _boto3_provider(name: str, files: Any, env: Any) -> tuple[Any, str | None]:
     except ProfileNotFound:
         known = ", ".join(core.available_profiles) or "none"
         raise LookupError(f"does not exist (profiles: {known})") from None
+    except BotoCoreError as e:  # ConfigParseError: a file that is no INI file
+        raise LookupError(f"cannot be read: {e}; fix that file's syntax") from None
     try:
         provider = Boto3CredentialProvider(session)
     except (ValueError, BotoCoreError) as e:
@@ -343,12 +395,63 @@ def _complete(path: Path, size: int) -> bool:
 
 
 def _folder(location: str, options: StorageOptions | None, meta: Mapping[str, Any]) -> str:
-    """`<location>-<hash>/<version>`: readable, unique per endpoint and location, and per
-    version of the object (its ETag, version id, or mtime and size)."""
-    options, env = options_for(location, options), os.environ
-    endpoint = options.get("endpoint") or options.get("aws_endpoint") or env.get("AWS_ENDPOINT_URL")
-    where = f"{endpoint or env.get('AWS_ENDPOINT') or ''}|{location.rstrip('/')}"
+    """`<location>-<hash>/<version>`: readable, unique per server and location (the hash of
+    `_source`: trust in one server never carries to another), and per version of the object
+    (its ETag, version id, or mtime and size)."""
+    flat = options_for(location, options)
+    state = (location, repr(sorted(flat.items())), sorted(os.environ.items()), _aws_files())
+    if (source := _SOURCES.get(key := repr(state))) is None:  # a store takes milliseconds
+        if len(_SOURCES) > 64:
+            _SOURCES.clear()
+        source = _SOURCES[key] = _source(location, flat)
     tag = meta.get("e_tag") or meta.get("version") or f"{meta['last_modified']}-{meta['size']}"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", location.rstrip("/"))[:80]
-    digest = hashlib.sha256(where.encode()).hexdigest()[:10]
+    digest = hashlib.sha256(source.encode()).hexdigest()[:32]
     return f"{slug}-{digest}/{hashlib.sha256(str(tag).encode()).hexdigest()[:20]}"
+
+
+_SOURCES: dict[str, str] = {}  # `_source` by the state it was made from
+
+
+def _source(location: str, options: dict[str, Any]) -> str:
+    """Which server answers for `location`, as JSON: its store as obstore configures it (the
+    URL's parts, the options under any alias, the AWS profile's region, and the variables
+    obstore reads that no option overrides, by obstore's own names), its client options and
+    the HTTP client's variables; less credentials and timings."""
+    store, env = open_remote(location, options), os.environ
+    config = dict(getattr(store, "config", None) or {})
+    prefix = ENV_PREFIXES.get(obstore.parse_scheme(location.rstrip("/")), "")
+    for name, value in list(env.items()) if prefix else []:  # obstore's order: last wins
+        # A client setting is read by `open_remote` and in `client_options`.
+        client_key = name.removeprefix(prefix).lower() in CLIENT_KEYS
+        if name.startswith(prefix) and not SECRET.search(name) and not client_key:
+            config |= _environment(store, name, value)
+    given = getattr(store, "client_options", None) or {}
+    client = {k: v for k, v in given.items() if k not in TIMING}
+    if isinstance(headers := client.get("default_headers"), Mapping):
+        client["default_headers"] = {h: v for h, v in headers.items() if not SECRET.search(h)}
+    found = {
+        "store": type(store).__name__,
+        "location": location.rstrip("/"),
+        "url": getattr(store, "url", None),
+        "config": {k: v for k, v in config.items() if not SECRET.search(k)},
+        "client": client,
+        "transport": {k: v for k, v in env.items() if k.upper() in TRANSPORT_ENV},
+    }
+    return json.dumps(found, sort_keys=True, default=str)
+
+
+def _environment(store: Any, name: str, value: str) -> dict[str, str]:
+    """What obstore makes of variable `name` for `store`: {} for a name it does not know or
+    a setting the store's config overrides, else the setting, by obstore's name (the variable
+    itself where obstore cannot say: the key then counts, never less)."""
+    config = dict(store.config)
+    try:
+        probe = type(store)(config=config | {name: value})
+    except UnknownConfigurationKeyError:
+        return {}  # obstore ignores it too
+    except BaseError as e:
+        return {} if "Duplicate key" in str(e) else {name: value}  # duplicate: overridden
+    except Exception:  # a value it refuses: count it as given
+        return {name: value}
+    return {k: v for k, v in probe.config.items() if k not in config}

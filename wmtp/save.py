@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import inspect
 import os
@@ -49,6 +50,9 @@ def save(
     loader (with `transformers_class` found from its architecture unless given);
     any other class for `custom_mtp`, with the file that defines it.
 
+    The arguments, the destination and the model are checked before anything is written. In
+    a folder, an existing model's metadata.json is removed first (durably), so a save cut
+    short leaves no metadata over new files: `load` says it is missing, never loads a mix.
     A URL `load` takes (`s3://`, `gs://`, `az://`, `https://`) is written as a folder in a
     temporary directory (under `$TMPDIR`) first, then uploaded file by file: a file over
     `PART_SIZE` as a multipart upload, `PARALLEL` parts at once, aborted if it fails, and
@@ -57,9 +61,9 @@ def save(
 
     Args:
         model: the model; it must carry a transformers config as `model.config`.
-        dest: the folder (created if needed) or URL to write.
+        dest: the folder (created if needed; `~` is expanded) or URL to write.
         wmtp_type, algorithm_compatibility, training_algorithm, base_architecture:
-            written into the metadata as given.
+            written into the metadata as given, once they decode as its fields do.
         transformers_class: the Auto class for a transformers model.
         tokenizer: a transformers tokenizer (anything with `save_pretrained`), or None.
         keep_overrides: write the settings `wmtp.load(config_overrides=...)` changed into
@@ -68,7 +72,10 @@ def save(
 
     Raises:
         MetadataError: the model has no `config`, or no Auto class builds it.
-        OptionError: `tokenizer` has no `save_pretrained`, or a storage option is invalid.
+        OptionError: an argument the metadata cannot hold (`wmtp_type="bogus"`, a string for
+            `algorithm_compatibility`); an empty destination, or one that is a file or cannot
+            be written; tensors on the meta device; a custom class defined in no .py file;
+            `tokenizer` without `save_pretrained`; an invalid storage option.
         FetchError: an upload failed (after the retries); it names the file's URL and cause.
         StoreAccessError: the store refused the credentials.
         ModelFileError: the store has no such bucket (container).
@@ -80,7 +87,14 @@ def save(
     """
     from safetensors.torch import save_model
 
-    location = os.fspath(dest)
+    location = _destination(dest)
+    _check_fields(
+        wmtp_type=wmtp_type,
+        algorithm_compatibility=algorithm_compatibility,
+        training_algorithm=training_algorithm,
+        base_architecture=base_architecture,
+        **({} if transformers_class is None else {"transformers_class": transformers_class}),
+    )
     if (root := local_root(location)) is None:
         store = open_store(location, storage_options)  # a bad URL or option fails before work
         with tempfile.TemporaryDirectory(prefix="wmtp-save-") as staging:
@@ -105,14 +119,19 @@ def save(
         )
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise OptionError(f"tokenizer= takes a transformers tokenizer, not {type(tokenizer)}")
+    if meta_names := [k for k, t in model.state_dict().items() if t.is_meta]:
+        raise OptionError(
+            f"{type(model).__name__} has {len(meta_names)} tensor(s) on the meta device (first: "
+            f"{meta_names[0]!r}), which hold no data to save; give them values first (e.g. "
+            "wmtp.load(..., device='cpu'), or to_empty(device='cpu') and load a state dict)"
+        )
     cls = type(model)
     config = copy.deepcopy(config)
     if not keep_overrides:  # `load(config_overrides=...)` set them for a run, not for good
         for key, value in getattr(model, "wmtp_replaced_config", {}).items():
             setattr(config, key, value)
     config.architectures = [cls.__name__]
-    folder = root if "://" in location else Path(location)  # a path as given, `~` and all
-    folder.mkdir(parents=True, exist_ok=True)
+    folder, module_file = root, None  # `~` expanded, as `load` reads it
     files = ["config.json", "model.safetensors"]
     if cls.__module__.startswith("transformers."):
         from wmtp.explain import auto_class_for
@@ -124,31 +143,110 @@ def save(
             transformers_class=auto, required_files=tuple(files)
         )
     else:
-        module_file = Path(inspect.getfile(cls))
-        _write(folder / module_file.name, module_file.read_bytes())
+        module_file = _module_file(cls)
         strategy = CustomMTP(
             model_class_name=cls.__name__,
             custom_module_file=module_file.name,
             required_files=(*files, module_file.name),
         )
-    tokenizer_files = () if tokenizer is None else _save_tokenizer(tokenizer, folder)
-    _write(folder / "config.json", config.to_json_string().encode())
-    tmp = folder / f".model.safetensors.{os.getpid()}.tmp"
-    save_model(model, str(tmp))
-    tmp.chmod(0o644)  # safetensors creates it private; a model folder is meant to be shared
-    tmp.replace(folder / "model.safetensors")
-    strategy = msgspec.structs.replace(strategy, tokenizer_files=tokenizer_files)
-    meta = Metadata(
-        wmtp_type=wmtp_type,
-        storage_version="2.0",
-        loading_strategy=strategy,
-        algorithm_compatibility=tuple(algorithm_compatibility),
-        training_algorithm=training_algorithm,
-        base_architecture=base_architecture or config.model_type,
-        files=file_manifest(str(folder), (*strategy.required_files, *tokenizer_files)),
-    )
-    _write(folder / "metadata.json", encode_metadata(meta))
+    from safetensors import SafetensorError
+
+    try:
+        _invalidate(folder)  # from here on, no metadata.json describes the folder
+        if module_file is not None:
+            _write(folder / module_file.name, module_file.read_bytes())
+        tokenizer_files = () if tokenizer is None else _save_tokenizer(tokenizer, folder)
+        _write(folder / "config.json", config.to_json_string().encode())
+        tmp = folder / f".model.safetensors.{os.getpid()}.tmp"
+        save_model(model, str(tmp))
+        tmp.chmod(0o644)  # safetensors creates it private; a model folder is meant to be shared
+        tmp.replace(folder / "model.safetensors")
+        strategy = msgspec.structs.replace(strategy, tokenizer_files=tokenizer_files)
+        meta = Metadata(
+            wmtp_type=wmtp_type,
+            storage_version="2.0",
+            loading_strategy=strategy,
+            algorithm_compatibility=tuple(algorithm_compatibility),
+            training_algorithm=training_algorithm,
+            base_architecture=base_architecture or config.model_type,
+            files=file_manifest(str(folder), (*strategy.required_files, *tokenizer_files)),
+        )
+        _write(folder / "metadata.json", encode_metadata(meta))
+    except (OSError, SafetensorError) as e:
+        raise _unwritable(folder, e) from None
     return meta
+
+
+def _destination(dest: object) -> str:
+    """`dest` as a string, unless it is empty or no path (`OptionError`)."""
+    try:
+        location = os.fsdecode(dest)  # type: ignore[arg-type]
+    except TypeError:
+        raise OptionError(
+            f"save destination must be a folder or URL, not {type(dest).__name__} ({dest!r:.60})"
+        ) from None
+    if not location:
+        raise OptionError("the save destination is empty; give a folder or URL ('.': here)")
+    return location
+
+
+def _check_fields(**given: Any) -> None:
+    """`OptionError` unless each argument decodes as the metadata's field of its name (in
+    `Metadata`, or `HuggingFace` for `transformers_class`), as `load` will decode it."""
+    from wmtp.hints import readable
+
+    fields = {f.name: f.type for s in (HuggingFace, Metadata) for f in msgspec.structs.fields(s)}
+    for name, value in given.items():
+        try:
+            msgspec.convert(value, fields[name])
+        except msgspec.ValidationError as e:
+            where = str(e).replace(" - at `$", f" - at `$.{name}", 1)
+            where += "" if " - at `$" in where else f" - at `$.{name}`"
+            hint = isinstance(value, str) and name == "algorithm_compatibility"
+            hint_text = f"; give a list of algorithm names, e.g. [{value!r}]" * hint
+            raise OptionError(f"save({name}={value!r:.80}): {readable(where)}{hint_text}") from None
+
+
+def _module_file(cls: type) -> Path:
+    """The .py file that defines `cls`, which `load` will run to build it; `OptionError`
+    for a class defined in no file (`python -c`, a notebook, the interpreter)."""
+    try:
+        path = Path(inspect.getfile(cls))
+    except (TypeError, OSError):
+        path = Path()
+    if path.suffix != ".py" or not path.is_file():
+        raise OptionError(
+            f"{cls.__name__} (module {cls.__module__!r}) is defined in no .py file (`python -c`, "
+            "a notebook or the interpreter), and load builds a custom model by running the "
+            "module file saved with it: move the class into a .py file, import it from there"
+        )
+    return path
+
+
+def _invalidate(folder: Path) -> None:
+    """Create `folder`, and remove the metadata.json of a model there, durably, before any
+    new file is written: a save cut short leaves no metadata over a mix of old and new."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(errno.EEXIST, "a file, not a folder", str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metadata.json").unlink(missing_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the removal itself is durable before a new byte is written
+    finally:
+        os.close(fd)
+
+
+def _unwritable(folder: Path, error: Exception) -> OptionError:
+    """The error for a save destination that cannot be written, naming it and why."""
+    if isinstance(error, NotADirectoryError | FileExistsError):
+        above = next((p for p in [folder, *folder.parents] if p.exists()), folder)
+        where = "is a file" if above == folder else f"lies under a file ({above})"
+        return OptionError(f"save destination {folder} {where}, not a folder; give a folder")
+    cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return OptionError(
+        f"save destination {folder} cannot be written ({cause}); give a folder you can write to"
+    )
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> tuple[str, ...]:
