@@ -905,6 +905,158 @@ def servers(models: Mapping[str, Path], work: Path, stack: contextlib.ExitStack)
     return cases
 
 
+# Arguments of load, resolve and load_roles, and model folders that fight back. Each API below
+# runs in the sandbox's child; GOOD is a base model, REF a reference model.
+
+
+def api_overrides(location: str, overrides: Any) -> Answer:
+    import wmtp
+
+    wmtp.load(location, config_overrides=overrides)
+    return 0, "", ""
+
+
+def api_roles(algo: Any, paths: Any, roles: Any, options: dict[str, Any]) -> Answer:
+    import wmtp
+
+    loaded = wmtp.load_roles(algo, paths, roles=roles, **options)
+    frozen = {r: not any(p.requires_grad for p in m.parameters()) for r, m in loaded.items()}
+    wrong = [r for r, f in frozen.items() if f != (r != "base_model")]
+    return 0, ", ".join(sorted(loaded)), f"frozen wrongly: {wrong}" if wrong else ""
+
+
+def api_resolve_one(algo: str, path: Any) -> Answer:
+    import wmtp
+
+    return 0, wmtp.resolve(algo, path), ""
+
+
+def api_parallelize(location: str, folder: str, how: str) -> Answer:
+    import torch
+
+    import wmtp
+
+    def adds(model: torch.nn.Module) -> None:
+        model.register_buffer("steps", torch.zeros(1))
+
+    def removes(model: torch.nn.Module) -> None:
+        blocks = model.get_submodule("transformer.h")
+        assert isinstance(blocks, torch.nn.ModuleList)
+        del blocks[1]
+
+    functions = {"adds": adds, "removes": removes, "nothing": lambda model: None}
+    model = wmtp.load(location, parallelize=functions[how])
+    return 0, "", differs(model, Path(folder))
+
+
+def arguments(models: Mapping[str, Path], work: Path) -> list[Case]:
+    """Arguments of the wrong kind to load, resolve and load_roles; folders whose files cannot
+    be read or whose module exits; a parallelize that changes what the model holds."""
+    good, ref = str(models["mtp"]), str(models["gpt2_reference"])
+    both, family = [good, ref], "load, resolve and load_roles arguments"
+    calls: list[tuple[str, Callable[..., Answer], tuple[Any, ...], tuple[str, ...], Expect]] = [
+        (
+            "config_overrides as pairs",
+            api_overrides,
+            (good, [("n_layer", 2)]),
+            ("config_overrides",),
+            "refuse",
+        ),
+        (
+            "config_overrides as a string",
+            api_overrides,
+            (good, "n_layer=2"),
+            ("config_overrides",),
+            "refuse",
+        ),
+        ("config_overrides as a number", api_overrides, (good, 5), ("config_overrides",), "refuse"),
+        (
+            "resolve with one path, not a list",
+            api_resolve_one,
+            ("baseline-mtp", good),
+            ("paths",),
+            "refuse",
+        ),
+        ("resolve with a Path", api_resolve_one, ("baseline-mtp", [Path(good)]), (), "ok"),
+        ("load_roles roles=[]", api_roles, ("rho1-wmtp", both, [], {}), ("roles",), "refuse"),
+        ("load_roles algo=None", api_roles, (None, both, None, {}), ("algo",), "refuse"),
+        (
+            "load_roles one path, not a list",
+            api_roles,
+            ("rho1-wmtp", good, None, {}),
+            ("paths",),
+            "refuse",
+        ),
+        (
+            "load_roles dtpye= (misspelt)",
+            api_roles,
+            ("rho1-wmtp", both, None, {"dtpye": "bf16"}),
+            ("dtpye",),
+            "refuse",
+        ),
+        (
+            "load_roles dtype for a role not loaded",
+            api_roles,
+            ("rho1-wmtp", both, None, {"dtype": {"reward_model": "bf16"}}),
+            ("reward_model",),
+            "refuse",
+        ),
+        (
+            "load_roles dtype per role",
+            api_roles,
+            ("rho1-wmtp", both, None, {"dtype": {"reference_model": "bf16"}}),
+            (),
+            "ok",
+        ),
+        ("parallelize adds a buffer", api_parallelize, (ref, ref, "adds"), ("steps",), "refuse"),
+        (
+            "parallelize removes a block",
+            api_parallelize,
+            (ref, ref, "removes"),
+            ("transformer.h.1",),
+            "refuse",
+        ),
+        ("parallelize that shards nothing", api_parallelize, (ref, ref, "nothing"), (), "ok"),
+    ]
+    cases = [Case(family, n, fixed([("load", f, a)]), named, e) for n, f, a, named, e in calls]
+    folders = {
+        "a required file name of 300 characters": (
+            "x" * 300,
+            lambda f: strategy(
+                f, required_files=["config.json", "model.safetensors", "modeling.py", "x" * 300]
+            ),
+        ),
+        "model.safetensors is /proc/self/mem (EIO)": (
+            "model.safetensors",
+            lambda f: (
+                (f / "model.safetensors").unlink(),
+                (f / "model.safetensors").symlink_to("/proc/self/mem"),
+            ),
+        ),
+        "a replacement naming an unknown group": (
+            "key_transforms",
+            lambda f: strategy(f, state_dict_mapping={"key_transforms": {"(a)": "\\g<x>"}}),
+        ),
+        "modeling.py calls sys.exit(0)": (
+            "modeling.py",
+            lambda f: (f / "modeling.py").write_text("import sys\nsys.exit(0)\n"),
+        ),
+    }
+    for name, (naming, edit) in folders.items():
+        folder = work / "arguments" / name.split()[0] / str(len(cases))
+
+        def make(folder: Path = folder, edit: Callable[[Path], Any] = edit) -> Sequence[Run]:
+            shutil.copytree(good, folder)
+            edit(folder)
+            meta = json.loads((folder / "metadata.json").read_text())
+            meta.pop("files", None)  # the read itself must fail, not a manifest check first
+            (folder / "metadata.json").write_text(json.dumps(meta))
+            return [("load", api_load, (str(folder), good)), ("check", api_check, (str(folder),))]
+
+        cases.append(Case("model folders that fight back", name, make, (naming,), folder=folder))
+    return cases
+
+
 def judge(
     api: str, outcome: sandbox.Outcome, refused: str, load: Verdict | None
 ) -> tuple[Verdict, str]:
@@ -1023,6 +1175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "save": lambda: saves(models, work, stack),
             "storage": lambda: storage(work),
             "servers": lambda: servers(models, work, stack),
+            "arguments": lambda: arguments(models, work),
         }
         results: list[Result] = []
         for family, cases in families.items():
