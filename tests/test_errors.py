@@ -209,7 +209,7 @@ def test_nothing_is_assigned_when_keys_do_not_fit(
     build_empty = LOAD.build.build_empty
 
     def spied(*args: Any) -> torch.nn.Module:
-        model = build_empty(*args)
+        model: torch.nn.Module = build_empty(*args)
         built.append(weakref.ref(model))
         return model
 
