@@ -349,7 +349,7 @@ def test_valid_models_load_exactly_unedited_and_after_each_harmless_edit(
 ) -> None:
     """The oracle's other half, drawn for sure: what must load, loads, equal to its files
     (each model unedited, and each harmless edit on one of them in turn)."""
-    cases = [(model, ()) for model in FUZZED]
+    cases: list[tuple[str, tuple[Mutation, ...]]] = [(model, ()) for model in FUZZED]
     cases += [(FUZZED[i % len(FUZZED)], (edit,)) for i, edit in enumerate(HARMLESS)]
     wrong = []
     for model, edits in cases:
