@@ -117,9 +117,11 @@ def test_each_rank_fills_its_tensor_parallel_shards(biased_llama: Path, tmp_path
         )
 
 
-def test_each_rank_fills_its_fsdp2_shards_cast(models: dict[str, Path], tmp_path: Path) -> None:
-    """`dtype="bf16"` with `fully_shard`: the shards hold the cast file, tied weights too."""
-    folder = models["gpt2_reward"]
+def test_each_rank_fills_its_fsdp2_shards_cast(medium_gpt2: Path, tmp_path: Path) -> None:
+    """`dtype="bf16"` with `fully_shard`: the shards hold the cast file, tied weights too, and
+    a rank casts only its shards (its private memory stays within its share of the cast
+    model, not the whole cast checkpoint)."""
+    folder = medium_gpt2
     job = {"location": str(folder), "folder": str(folder), "dtype": "bf16"}
     results = torchrun(job, tmp_path)
     _assert_sharded_exactly(results)
