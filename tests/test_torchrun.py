@@ -45,7 +45,7 @@ def torchrun(job: dict[str, Any], tmp_path: Path, **env: str) -> list[dict[str, 
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     if done.returncode:
-        raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stderr[-20000:]}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
