@@ -10,21 +10,42 @@ Then::
 The proxy listens on 127.0.0.1 only, forwards to a 127.0.0.1 target, and stops by itself after
 ``lifetime`` seconds even if :func:`stop_proxy` is never called. Byte counts are per connection
 and include HTTP response headers; arm with a threshold well inside the body.
+
+A cut is a transport error the HTTP client sees. :func:`start_short_proxy` is the other kind of
+bad server: one that answers a ranged GET with a well-formed response holding fewer bytes than
+the range (a chunked body, ended properly, under the ``Content-Length`` of the whole range),
+which the client takes as a complete, shorter body::
+
+    short = start_short_proxy(server.endpoint, suffix="/model.safetensors", keep=1000)
+    ...  # every ranged GET of a key ending in model.safetensors gets its first 1000 bytes
+    stop_short_proxy(short)
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import select
 import socket
 import struct
 import threading
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 
-__all__ = ["S3Proxy", "cut_responses", "disarm", "start_proxy", "stop_proxy"]
+__all__ = [
+    "S3Proxy",
+    "ShortProxy",
+    "cut_responses",
+    "disarm",
+    "start_proxy",
+    "start_short_proxy",
+    "stop_proxy",
+    "stop_short_proxy",
+]
 
 _CHUNK = 64 * 1024
 _TICK_S = 0.25
@@ -197,3 +218,68 @@ def _serve(proxy: S3Proxy, client: socket.socket) -> None:
             upstream.close()
         with contextlib.suppress(OSError):
             client.close()
+
+
+class ShortProxy(msgspec.Struct):
+    """A running :func:`start_short_proxy`; ``shortened`` counts the responses cut short."""
+
+    endpoint: str
+    server: Any  # http.server.ThreadingHTTPServer
+    thread: threading.Thread
+    shortened: int = 0
+
+
+def start_short_proxy(target_endpoint: str, *, suffix: str, keep: int) -> ShortProxy:
+    """Forward GET and HEAD requests to ``target_endpoint`` (loopback), unchanged (so SigV4
+    signatures hold); a 206 answer for a path ending in ``suffix`` goes back with only its
+    first ``keep`` bytes, as a chunked body properly ended, its ``Content-Length`` unchanged."""
+    parts = urlsplit(target_endpoint)
+    if parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
+        raise ValueError(f"proxy target must be http://127.0.0.1:PORT, got {target_endpoint!r}")
+    target = ("127.0.0.1", parts.port)
+    lock = threading.Lock()
+
+    class Forward(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def forward(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            upstream = http.client.HTTPConnection(*target, timeout=30)
+            try:
+                upstream.request(self.command, self.path, body, dict(self.headers.items()))
+                answer = upstream.getresponse()
+                data = answer.read()
+            finally:
+                upstream.close()
+            short = answer.status == 206 and self.path.partition("?")[0].endswith(suffix)
+            self.send_response_only(answer.status, answer.reason)
+            for name, value in answer.getheaders():
+                if name.lower() not in ("transfer-encoding", "connection"):
+                    self.send_header(name, value)
+            if short:
+                self.send_header("Transfer-Encoding", "chunked")
+                data = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data[:keep]), data[:keep])
+                with lock:
+                    proxy.shortened += 1
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_HEAD = forward  # noqa: N815 (http.server's names)
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="s3shortproxy")
+    proxy = ShortProxy(f"http://127.0.0.1:{server.server_address[1]}", server, thread)
+    thread.start()
+    return proxy
+
+
+def stop_short_proxy(proxy: ShortProxy) -> None:
+    """Stop serving and close the listening socket."""
+    proxy.server.shutdown()
+    proxy.server.server_close()
+    proxy.thread.join(5)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import shutil
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ import wmtp
 from tests import builders
 from tests.builders import FIXTURES
 from tests.conftest import Copy
+
+LOAD = importlib.import_module("wmtp.load")  # the module; `wmtp.load` is the function
 
 
 def test_real_mtp_fixture_fails_with_both_mistakes_explained(
@@ -189,11 +195,35 @@ def test_bad_dtype_lists_names(models: dict[str, Path]) -> None:
         wmtp.load(str(models["mtp"]), dtype="bf17")
 
 
-def test_nothing_is_assigned_when_keys_do_not_fit(models: dict[str, Path], copy: Copy) -> None:
-    """A failed load raises before assigning; no partly loaded model escapes."""
+def test_nothing_is_assigned_when_keys_do_not_fit(
+    models: dict[str, Path], copy: Copy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed load raises before a weight byte is read or assigned: the model it built
+    stays empty (every parameter on meta) and nothing keeps it once the error is gone."""
     folder = copy(models["mtp"])
     tensors = load_file(folder / "model.safetensors")
     del tensors["extra_heads.1.weight"]
     builders.write_checkpoint(folder, tensors)
-    with pytest.raises(wmtp.WeightsError, match=r"1 missing .*'extra_heads.1.weight'"):
+    built: list[weakref.ref[torch.nn.Module]] = []
+    calls: list[str] = []
+    build_empty = LOAD.build.build_empty
+
+    def spied(*args: Any) -> torch.nn.Module:
+        model: torch.nn.Module = build_empty(*args)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(LOAD.build, "build_empty", spied)
+    monkeypatch.setattr(LOAD.build, "assign", lambda *a: calls.append("assign"))
+    monkeypatch.setattr(LOAD, "read_tensors", lambda *a: calls.append("read_tensors"))
+    with pytest.raises(wmtp.WeightsError, match=r"1 missing .*'extra_heads.1.weight'") as err:
         wmtp.load(str(folder))
+    assert calls == []  # no weight read, nothing assigned
+    assert len(built) == 1
+    model = built[0]()
+    assert model is not None  # the traceback still holds it: untouched
+    assert all(p.is_meta for p in model.parameters())
+    assert model.get_submodule("extra_heads.1").weight.is_meta
+    del model, err
+    gc.collect()
+    assert built[0]() is None, "the refused model outlives its error"

@@ -113,6 +113,28 @@ class Mutation(msgspec.Struct, frozen=True):
     value: Any = None
 
 
+# Edits among those drawn that leave a model loadable, as the README and the schema define it:
+# the folder named another way, a field other tools add at the top, a role or algorithm list
+# `load` does not read, no manifest, an empty mapping or prefix. A case made only of these
+# must load, and equal its files: an oracle that took any WmtpError would pass a `load` that
+# refuses every model.
+SAME_FOLDER: Final = ("{folder}/", "{folder}//", "{folder}/.", "file://{folder}", "FILE://{folder}",
+                      "file://localhost{folder}", "{folder}/../{name}")  # fmt: skip
+MAPPING: Final = ("loading_strategy", "state_dict_mapping")
+HARMLESS: Final = (
+    *(Mutation("location", "set", (), location) for location in SAME_FOLDER),
+    *(Mutation("metadata.json", "set", (key,), 1) for key in ("unknown", "Wmtp_Type", "__proto__")),
+    Mutation("metadata.json", "set", ("wmtp_type",), "reward_model"),
+    Mutation("metadata.json", "set", ("algorithm_compatibility",), []),
+    Mutation("metadata.json", "set", ("algorithm_compatibility",), ["critic-wmtp"] * 2),
+    Mutation("metadata.json", "set", ("files",), None),
+    Mutation("metadata.json", "set", ("files",), {}),
+    Mutation("metadata.json", "set", MAPPING, {}),
+    Mutation("metadata.json", "set", (*MAPPING, "remove_prefix"), ""),
+    Mutation("metadata.json", "set", (*MAPPING, "add_prefix"), ""),
+)
+
+
 def draw_case(pick: Pick, docs: Docs) -> tuple[str, tuple[Mutation, ...]]:
     """A model of `docs` and one to three mutations of its files."""
     model = pick(sorted(docs))
@@ -318,3 +340,24 @@ def test_hostile_metadata_loads_exactly_or_raises_wmtp_error(
     why = f"{outcome.kind} {outcome.type}: {outcome.message} (at {outcome.where or '?'})"
     assert outcome.kind in ("ok", "wmtp_error"), f"{case} -> {why}"
     assert outcome.kind != "ok" or outcome.result == "", f"{case} -> loaded wrong: {outcome.result}"
+    if all(edit in HARMLESS for edit in edits):
+        assert outcome.kind == "ok", f"{case} is a valid model -> {why}"
+
+
+def test_valid_models_load_exactly_unedited_and_after_each_harmless_edit(
+    models: dict[str, Path],
+) -> None:
+    """The oracle's other half, drawn for sure: what must load, loads, equal to its files
+    (each model unedited, and each harmless edit on one of them in turn)."""
+    cases: list[tuple[str, tuple[Mutation, ...]]] = [(model, ()) for model in FUZZED]
+    cases += [(FUZZED[i % len(FUZZED)], (edit,)) for i, edit in enumerate(HARMLESS)]
+    wrong = []
+    for model, edits in cases:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = shutil.copytree(models[model], Path(tmp) / model)
+            location = apply(folder, edits)
+            outcome = sandbox.run(load_exactly, location, str(folder), deadline=DEADLINE)
+        if outcome.kind != "ok" or outcome.result != "":
+            why = f"{outcome.kind} {outcome.type}: {outcome.message}{outcome.result or ''}"
+            wrong.append(f"{describe(model, edits)} -> {why}")
+    assert wrong == []

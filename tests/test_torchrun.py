@@ -1,6 +1,7 @@
 """Multi-rank loading under `torchrun --nproc_per_node=2` (gloo, CPU, 127.0.0.1): each rank
-fills only its own FSDP2 shards, equal to the file's, and the sharded model computes what a
-plain load computes. Error paths that need no second rank run in this process."""
+fills only its own shards (FSDP2's, or tensor parallelism's: Shard(0), Shard(1), Replicate),
+equal to the file's, also cast (`dtype=`), and the sharded model computes what a plain load
+computes. Error paths that need no second rank run in this process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import wmtp
@@ -43,7 +45,7 @@ def torchrun(job: dict[str, Any], tmp_path: Path, **env: str) -> list[dict[str, 
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     if done.returncode:
-        raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stderr[-20000:]}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -84,6 +86,48 @@ def test_each_rank_fills_its_own_fsdp2_shards(
     folder = folders.get(name) or models[name]
     results = torchrun({"location": str(folder), "folder": str(folder)}, tmp_path)
     _assert_sharded_exactly(results)
+
+
+@pytest.fixture(scope="module")
+def biased_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Llama MTP model with biases on its attention and MLP projections: row-wise
+    parallelism leaves those of o_proj and down_proj replicated."""
+    config = transformers.LlamaConfig.from_dict(
+        builders.LLAMA | {"attention_bias": True, "mlp_bias": True}
+    )
+    torch.manual_seed(0)
+    model = builders.import_file(builders.LLAMA_MODULE).LlamaMTP(config)
+    dest = tmp_path_factory.mktemp("dist") / "biased_llama"
+    wmtp.save(model, dest, wmtp_type="base_model", algorithm_compatibility=["baseline-mtp"])
+    return dest
+
+
+def test_each_rank_fills_its_tensor_parallel_shards(biased_llama: Path, tmp_path: Path) -> None:
+    """`parallelize_module` with Colwise/Rowwise styles: every placement but Partial, each
+    local shard the slice torch's `distribute_tensor` cuts; and a mesh on another device than
+    the one asked for is an OptionError on every rank."""
+    job = {"location": str(biased_llama), "folder": str(biased_llama), "plan": "tp",
+           "probe_device": True}  # fmt: skip
+    results = torchrun(job, tmp_path)
+    _assert_sharded_exactly(results)
+    for result in results:
+        assert result["placements"] == ["R", "S(0)", "S(1)"], result
+        assert result["device_error"] == (
+            "OptionError: device 'cuda:0', but the mesh of parallelize is on {'cpu'}"
+        )
+
+
+def test_each_rank_fills_its_fsdp2_shards_cast(medium_gpt2: Path, tmp_path: Path) -> None:
+    """`dtype="bf16"` with `fully_shard`: the shards hold the cast file, tied weights too, and
+    a rank casts only its shards (its private memory stays within its share of the cast
+    model, not the whole cast checkpoint)."""
+    folder = medium_gpt2
+    job = {"location": str(folder), "folder": str(folder), "dtype": "bf16"}
+    results = torchrun(job, tmp_path)
+    _assert_sharded_exactly(results)
+    for result in results:
+        assert result["dtypes"] == ["torch.bfloat16"], result
+        assert result["placements"] == ["S(0)"], result
 
 
 def test_two_ranks_download_once_from_a_bucket(

@@ -198,14 +198,14 @@ def load(
     marks.append(time.perf_counter())
     model, groups, keys = plan(location, meta, files, headers, cast, config_overrides, marks.append)
     marks.append(time.perf_counter())
-    tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
+    tensors = read_tensors([(files[n], headers[n]) for n in names], None if parallelize else cast)
     named = {key: tensors[name] for key, name in keys.items()}
     if parallelize is None:
         build.assign(model, named, groups)
-    else:  # each rank fills its own shards, on the mesh's device
+    else:  # each rank fills (and casts) its own shards, on the mesh's device
         from wmtp.shard import fill_shards
 
-        model = fill_shards(model, named, groups, parallelize, place)
+        model = fill_shards(model, named, groups, parallelize, place, cast)
     marks.append(time.perf_counter())
     if timings is not None:
         phases = ("fetch", "map", "import", "build", "assign")

@@ -22,15 +22,18 @@ def fill_shards(
     groups: Groups,
     parallelize: Callable[[torch.nn.Module], Any],
     device: torch.device | None,
+    dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """`model` (parameters on meta, buffers real) after `parallelize(model)`, every parameter
-    its local shard of `tensors` (full tensors by model key, already cast) on the mesh's device.
+    its local shard of `tensors` (full tensors by model key, mapped) on the mesh's device, its
+    floating ones cast to `dtype` if given: a rank casts (and reads) only its own slices.
     Every rank of the default process group then agrees: when one failed, all raise (after the
     process group's timeout at most, if a rank never arrives), naming that rank and its error.
 
     Args:
         model: built by `wmtp.load.plan`; tensors: its full tensors by model key (mapped);
-        groups: its tied names; parallelize: the user's function; device: None, the mesh's.
+        groups: its tied names; parallelize: the user's function; device: None, the mesh's;
+        dtype: the cast of `load(dtype=...)`, or None.
 
     Raises:
         OptionError: a mesh on another device than `device`. MetadataError: `parallelize`
@@ -44,7 +47,7 @@ def fill_shards(
 
     failure = None
     try:
-        model = _fill(model, tensors, groups, parallelize, device)
+        model = _fill(model, tensors, groups, parallelize, device, dtype)
     except Exception as e:  # told to every rank below, then raised here
         failure = e
     if dist.is_available() and dist.is_initialized():
@@ -65,15 +68,19 @@ def _fill(
     groups: Groups,
     parallelize: Callable[[torch.nn.Module], Any],
     device: torch.device | None,
+    dtype: torch.dtype | None,
 ) -> torch.nn.Module:
     import torch
     from torch.distributed.tensor import DTensor
 
+    def kind(tensor: torch.Tensor) -> torch.dtype:  # a floating tensor takes the cast
+        return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
     for group in groups:  # parameters take the checkpoint's dtype (or the cast) first, on meta
         have = next((tensors[n] for n in group if n in tensors), None)
         old = _parameter(model, group[0])
-        if old is not None and have is not None and old.dtype != have.dtype:
-            _tie(model, group, torch.nn.Parameter(old.to(have.dtype), old.requires_grad))
+        if old is not None and have is not None and old.dtype != kind(have):
+            _tie(model, group, torch.nn.Parameter(old.to(kind(have)), old.requires_grad))
     real = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
     before, what = _names(model), f"parallelize({type(model).__name__})"
     try:
@@ -99,9 +106,10 @@ def _fill(
         for name, param in model.named_parameters():  # one name per tied group
             full = tensors.get(name, _first(tensors, groups, name))
             local = param.to_local() if isinstance(param, DTensor) else param
-            local.copy_(_local_slice(full, param) if isinstance(param, DTensor) else full)
+            local.copy_(_local_slice(full, param) if isinstance(param, DTensor) else full)  # cast
         for name, buffer in model.named_buffers():
-            buffer.copy_(tensors[name] if name in tensors else real[name])
+            value = tensors.get(name)
+            buffer.copy_(real[name] if value is None else value.to(kind(value)))
     return model
 
 
