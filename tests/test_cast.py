@@ -105,7 +105,7 @@ def test_a_cast_never_holds_the_checkpoint_twice(small_mtp: Model) -> None:
     """Each cast tensor's pages leave the process before the next is read: the peak is the
     bf16 copies plus about one float32 tensor, not the whole checkpoint plus its copies."""
     folder = Path(small_mtp.folder)
-    header = read_header(folder / "model.safetensors")
+    header = read_header(folder / "model.safetensors", str(folder / "model.safetensors"))
     largest = max(end - start for start, end in (t.data_offsets for t in header.tensors.values()))
     done = subprocess.run(
         [sys.executable, "-c", MEASURE, str(folder)],
