@@ -64,6 +64,7 @@ VERSION: Final = 1
 WRITE_THREADS: Final = 2  # files per rank DCP writes at once
 OLD_SUFFIXES: Final = (".pt", ".pth")
 LISTED: Final = 8  # keys named in an error before "... and N more"
+_NO_GROUP: Final = "torch.distributed is disabled"  # DCP's warning: one process is a use here
 
 
 class TrainingState(msgspec.Struct, frozen=True):
@@ -185,6 +186,8 @@ def save_checkpoint(
         with _dcp_errors(f"saving checkpoint {where}"):
             saved = save(state, **options)
         return finish(saved)
+    if group is None:  # DCP warns from its writing thread, where no filter of ours reaches
+        warnings.filterwarnings("ignore", _NO_GROUP, UserWarning)
     with _dcp_errors(f"saving checkpoint {where}"):
         writing = async_save(state, **options)
     done: Future[str] = Future()
@@ -394,7 +397,7 @@ def _dcp_errors(what: str) -> Iterator[None]:
     warning that there is no process group (one process is a case wmtp serves) silenced."""
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            warnings.filterwarnings("ignore", _NO_GROUP, UserWarning)
             yield
     except WmtpError:
         raise
@@ -569,12 +572,12 @@ def _fetch(
         for name, path in paths.items():
             (links / name).symlink_to(path.resolve())
     for name, size in info.files.items():
-        if (have := paths[name].stat().st_size) < size:
+        if (have := paths[name].stat().st_size) != size:
             if links is not None:
                 shutil.rmtree(links, ignore_errors=True)
             raise IntegrityError(
                 f"{join(location, name)} has {have} bytes, but {MARKER} says {size}: the file "
-                "is truncated; resume from another checkpoint (wmtp.latest_checkpoint)"
+                "is truncated or was replaced; resume from another checkpoint"
             )
     return info, (root if links is None else links), links  # type: ignore[return-value]
 
@@ -925,8 +928,16 @@ def _load_old(
                                    "without the optimizer (optimizer=None)")  # fmt: skip
             moved = _old_optimizer(location, model, optimizer, data["optimizer"])
     set_model_state_dict(model, tensors, options=_options(full_state_dict=True, strict=True))
-    if moved is not None:
-        set_optimizer_state_dict(model, optimizer, moved, options=_options(full_state_dict=True))  # type: ignore[arg-type]
+    if moved is not None and optimizer is not None:
+        from wmtp.gather import is_sharded
+
+        numbered = all(isinstance(k, int) for k in data["optimizer"]["state"])
+        if numbered and not is_sharded(model):  # as it was saved: types kept (betas a tuple)
+            optimizer.load_state_dict(data["optimizer"])
+        else:  # by parameter name, each rank taking its shards
+            set_optimizer_state_dict(
+                model, optimizer, moved, options=_options(full_state_dict=True)
+            )
     known = ("model", "optimizer", "step", "epoch")
     extra = {k: v for k, v in data.items() if k not in known}
     step, epoch = data.get("step", 0), data.get("epoch", 0)
