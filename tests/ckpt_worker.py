@@ -5,9 +5,11 @@ each block (gloo, CPU), AdamW, then the job's `task`:
 
 - `train`: 5 steps straight (model A); 3 steps (model B), `save_checkpoint`, then a fresh model
   C resumed from it for 2 steps: A and C must be equal. B's full state (model and optimizer,
-  gathered) goes to `<out>/reference.pt` for the other ranks counts to compare with; B is also
-  saved with `wmtp.save(max_shard_size=...)` (a collective).
-- `resume`: a fresh model resumed from `checkpoint`; its full state against `reference.pt`.
+  gathered) goes to `<out>/reference.pt` for the other runs to compare with; B is also saved
+  to `bucket` when given (each rank uploads its files) and with `wmtp.save(max_shard_size=...)`
+  (a collective).
+- `resume`: a fresh model resumed from `checkpoint` (a folder or bucket URL); its full state
+  against `reference.pt`; and the folder `wmtp.save` wrote, loaded with `parallelize=`.
 - `kill`: save step 1, then save step 2 with rank 1 killed (SIGKILL) mid-write.
 
 Each rank writes `<out>/rank<r>.json` with what it found.
@@ -85,8 +87,12 @@ def main(job: dict[str, Any]) -> None:
         train(a, opt_a, range(5))
         b, opt_b = fresh()
         train(b, opt_b, range(3))
-        location = wmtp.save_checkpoint(job["checkpoint"], b, opt_b, step=3, epoch=1,
-                                        extra={"mlflow_run_id": "run-7"})  # fmt: skip
+        extra = {"mlflow_run_id": "run-7"}
+        location = wmtp.save_checkpoint(job["checkpoint"], b, opt_b, step=3, epoch=1, extra=extra)
+        if "bucket" in job:  # each rank uploads its own files
+            options = job["storage_options"]
+            wmtp.save_checkpoint(job["bucket"], b, opt_b, step=3, epoch=1, extra=extra,
+                                 storage_options=options)  # fmt: skip
         reference = full_state(b, opt_b)
         if rank == 0:
             torch.save(reference, out / "reference.pt")
@@ -101,11 +107,17 @@ def main(job: dict[str, Any]) -> None:
         config = json.loads(Path(job["saved"], "config.json").read_text())
         result["classes"] = [type(b).__name__, config["architectures"]]
     elif job["task"] == "resume":
-        model, optimizer = fresh(job.get("model", EXAMPLE))
-        state = wmtp.load_checkpoint(job["checkpoint"], model, optimizer)
+        model, optimizer = fresh()
+        options = job.get("storage_options")
+        state = wmtp.load_checkpoint(job["checkpoint"], model, optimizer, storage_options=options)
         result["state"] = [state.step, state.epoch, state.extra]
         reference = torch.load(job["reference"], weights_only=True)
         result["vs_reference"] = differences(reference, full_state(model, optimizer))
+        back = wmtp.load(job["saved"], parallelize=parallelize)  # what wmtp.save wrote
+        gathered = full_state(back, torch.optim.AdamW(back.parameters()))["model"]
+        result["saved_vs_reference"] = [
+            k for k, v in reference["model"].items() if not torch.equal(v, gathered[k])
+        ]
     elif job["task"] == "kill":
         model, optimizer = fresh()
         wmtp.save_checkpoint(Path(job["root"], "step-1"), model, optimizer, step=1)
