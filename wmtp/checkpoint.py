@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from importlib import import_module
@@ -795,14 +795,18 @@ def _load_dcp(
     # is read; a fresh optimizer's state is made here and dropped again if anything fails.
     buffers = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in own.items()}
     state: dict[str, Any] = {"model": buffers}
-    fresh = optimizer is not None and not optimizer.state
+    stored = _stored(saved, "optim.")
+    plain = None if optimizer is None else _optimizer_buffers(location, model, optimizer, stored)
+    fresh = optimizer is not None and not optimizer.state and plain is None
     try:
         with _agreed(group, f"check the optimizer state of checkpoint {location}"):
-            if optimizer is not None:
+            if plain is not None:
+                state["optim"] = plain[0]
+            elif optimizer is not None:
                 osd = get_optimizer_state_dict(model, optimizer, options=_flat())  # fresh: inits
                 have = {k: _signature(v) for k, v in osd.items()}
                 kind = type(optimizer).__name__
-                if error := mismatch(location, f"{kind} state", have, _stored(saved, "optim.")):
+                if error := mismatch(location, f"{kind} state", have, stored):
                     raise error
                 if not fresh:  # its own state stays as it is until all is read
                     osd = {
@@ -834,9 +838,87 @@ def _load_dcp(
                 rest[key] = tensor
     if rest:  # DTensor shards (FSDP2) and names a wrapper renames: copied in by torch
         set_model_state_dict(model, rest, options=_options(strict=False))
-    if optimizer is not None:
+    if plain is not None and optimizer is not None:
+        optimizer.load_state_dict(plain[1](state["optim"]))
+    elif optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"], options=_flat())
     return TrainingState(info.step, info.epoch, dict(info.extra))
+
+
+def _optimizer_buffers(
+    location: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stored: Mapping[str, tuple[Any, ...] | None],
+) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]] | None:
+    """Tensors to read the optimizer's saved state into, made from the checkpoint's metadata
+    (a parameter's own layout for a state of its shape: DTensor shards alike), and how to turn
+    them into the state dict `optimizer.load_state_dict` takes. `get_optimizer_state_dict` /
+    `set_optimizer_state_dict` would first run a step of a fresh optimizer with zero gradients
+    to make its state, writing every weight (copying each mapped page of a model from
+    `wmtp.load`; DTensor arithmetic under FSDP2) for nothing. None for names this path does not
+    know (a wrapper's): the caller uses torch's. Raises `WeightsError` when the saved state does
+    not fit (settings of another kind, shapes)."""
+    import torch
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(id(p) not in names for p in params):
+        return None
+    fqns = [names[id(p)] for p in params]
+    saved: dict[str, dict[str, tuple[Any, ...] | None]] = {}
+    for key, sig in stored.items():
+        part, _, rest = key.partition(".")
+        fqn, _, name = rest.rpartition(".")
+        saved.setdefault(f"{part}.{fqn}", {})[name] = sig
+    if not all(f"param_groups.{fqn}" in saved for fqn in fqns):
+        return None  # names a wrapper changes: torch's path maps them
+    kind, wrong = type(optimizer).__name__, []
+    for group in optimizer.param_groups:
+        settings = set(group) - {"params"}
+        for param in group["params"]:
+            fqn = names[id(param)]
+            if set(saved[f"param_groups.{fqn}"]) != settings:
+                theirs = sorted(set(saved[f"param_groups.{fqn}"]) ^ settings)
+                raise WeightsError(f"checkpoint {location} holds the state of an optimizer of "
+                                   f"another kind than {kind} (settings {', '.join(theirs)} "
+                                   "differ); build the optimizer it was saved with")  # fmt: skip
+            for name, sig in saved.get(f"state.{fqn}", {}).items():
+                if sig is None or (sig[0] and tuple(sig[0]) != tuple(param.shape)):
+                    wrong.append(f"state.{fqn}.{name}")
+    if unknown := sorted(k for k in saved if k.partition(".")[2] not in fqns):
+        wrong += unknown
+    if wrong:
+        raise WeightsError(
+            f"checkpoint {location}: {kind} state that does not fit the model's parameters: "
+            f"{', '.join(wrong[:LISTED])}; nothing was changed"
+        )
+    by_name = {names[id(p)]: p for p in params}
+
+    def buffer(key: str, sig: tuple[Any, ...] | None) -> Any:
+        if sig is None:
+            return None  # a setting, filled by the reader
+        param, kind = by_name[key.partition(".")[2].rpartition(".")[0]], getattr(torch, sig[1])
+        if key.startswith("state.") and tuple(sig[0]) == tuple(param.shape):
+            return torch.empty_like(param, dtype=kind)  # its layout: a DTensor's shards too
+        return torch.empty(sig[0], dtype=kind)
+
+    buffers = {key: buffer(key, sig) for key, sig in stored.items()}
+
+    def as_state_dict(read: dict[str, Any]) -> dict[str, Any]:
+        index = {fqn: i for i, fqn in enumerate(fqns)}
+        state = {index[fqn]: {n: read[f"state.{fqn}.{n}"] for n in saved.get(f"state.{fqn}", {})}
+                 for fqn in fqns if f"state.{fqn}" in saved}  # fmt: skip
+        groups = []
+        for group in optimizer.param_groups:
+            first = names[id(group["params"][0])]
+            settings = {
+                n: read[f"param_groups.{first}.{n}"] for n in saved[f"param_groups.{first}"]
+            }
+            groups.append(settings | {"params": [index[names[id(p)]] for p in group["params"]]})
+        return {"state": state, "param_groups": groups}
+
+    return buffers, as_state_dict
 
 
 def _options(**kwargs: Any) -> Any:
