@@ -144,7 +144,7 @@ def local_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
     from torch.distributed.tensor import DTensor
 
     seen, out = set(), []
-    states = [v for state in optimizer.state.values() for v in state.values()]
+    states = [state[k] for state in optimizer.state.values() for k in sorted(state)]  # by name
     for tensor in [*model.state_dict().values(), *states]:
         if isinstance(tensor, torch.Tensor):
             local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -261,10 +261,10 @@ def floor_resume(model: Any, optimizer: Any, where: Path) -> None:
     states = [torch.empty(shape, dtype=getattr(torch, kind)) for shape, kind in layout[len(mine) :]]
     _transfer(_rank_file(where), [*mine, *states], write=False)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    names = len(states) // len(params)  # AdamW: step, exp_avg, exp_avg_sq (as saved)
+    names = len(states) // len(params)  # AdamW's, sorted as `local_tensors` lists them
     for i, param in enumerate(params):
         chunk = states[i * names : (i + 1) * names]
-        optimizer.state[param] = dict(zip(("step", "exp_avg", "exp_avg_sq"), chunk, strict=True))
+        optimizer.state[param] = dict(zip(("exp_avg", "exp_avg_sq", "step"), chunk, strict=True))
 
 
 def _transfer(path: Path, tensors: list[torch.Tensor], write: bool) -> None:

@@ -620,6 +620,9 @@ _MODULES_OK: Final = {*_SAFE_MODULES, "torch"}
 def read_dcp_metadata(path: Path, source: str) -> DcpMetadata:
     """DCP's `.metadata` at `path` (named `source` in errors), read without running code.
 
+    Args:
+        path: the local file; source: its name (path or URL) for messages.
+
     Raises:
         MetadataError: not DCP metadata, or a pickle that names anything but DCP's records.
 
@@ -705,7 +708,7 @@ def _stored(saved: DcpMetadata, prefix: str) -> dict[str, tuple[Any, ...] | None
     return out
 
 
-def mismatch(
+def _mismatch(
     source: str,
     what: str,
     expected: Mapping[str, tuple[Any, ...] | None],
@@ -787,7 +790,7 @@ def _load_dcp(
         own = get_model_state_dict(model)
         want = {k: _signature(v) for k, v in own.items()}
         what = f"{_class_name(model)} (saved from {info.model})"
-        if error := mismatch(location, what, want, _stored(saved, "model.")):
+        if error := _mismatch(location, what, want, _stored(saved, "model.")):
             raise error
         if optimizer is not None:
             _check_kind(location, info, optimizer)
@@ -806,7 +809,7 @@ def _load_dcp(
                 osd = get_optimizer_state_dict(model, optimizer, options=_flat())  # fresh: inits
                 have = {k: _signature(v) for k, v in osd.items()}
                 kind = type(optimizer).__name__
-                if error := mismatch(location, f"{kind} state", have, stored):
+                if error := _mismatch(location, f"{kind} state", have, stored):
                     raise error
                 if not fresh:  # its own state stays as it is until all is read
                     osd = {
@@ -996,7 +999,7 @@ def _load_old(
         want = {k: _signature(v) for k, v in own.items()}
         found = {k: _signature(v) for k, v in tensors.items()}
         optional = _tied_aliases(model, list(own))
-        if error := mismatch(location, _class_name(model), want, found, optional):
+        if error := _mismatch(location, _class_name(model), want, found, optional):
             raise error
         for alias in optional:  # a tied name the file stores once, under the other name
             if alias not in tensors:

@@ -9,13 +9,13 @@ import contextvars
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
-from wmtp.errors import FetchError, OptionError, WmtpError
+from wmtp.errors import OptionError, WmtpError
 from wmtp.store import translate
 from wmtp.weights import DTYPES
 
@@ -42,6 +42,10 @@ class Entry(msgspec.Struct, frozen=True):
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a size like transformers takes ("5GB", "200MB", "1.5GiB").
 
+    Args:
+        size: a positive number of bytes, or a number with a unit (B, KB, MB, GB, TB: powers
+            of 1000; KiB, MiB, GiB, TiB: powers of 1024), case-insensitive.
+
     Raises:
         OptionError: not a positive size.
 
@@ -60,12 +64,34 @@ def parse_size(size: int | str) -> int:
 
 def original_class(model: torch.nn.Module) -> type[torch.nn.Module]:
     """The model's own class: FSDP2 swaps `type(model)` for a class it makes on the fly
-    (`FSDPDistilGPT2MTP`, defined in torch), whose bases hold the real one."""
+    (`FSDPDistilGPT2MTP`, defined in torch), whose bases hold the real one.
+
+    Args:
+        model: any module, sharded or not.
+
+    Raises:
+        Nothing: a plain model's class is its own.
+
+    Example:
+        >>> original_class(fsdp_model).__name__  # type(fsdp_model).__name__: 'FSDPDistilGPT2MTP'
+        'DistilGPT2MTP'
+    """
     return next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether any parameter or buffer of `model` is a DTensor (FSDP2, tensor parallel)."""
+    """Whether any parameter or buffer of `model` is a DTensor (FSDP2, tensor parallel).
+
+    Args:
+        model: any module.
+
+    Raises:
+        Nothing: torch.distributed is imported only when a tensor's type says DTensor.
+
+    Example:
+        >>> is_sharded(wmtp.load("examples/tiny-mtp"))
+        False
+    """
     tensors = [*model.parameters(), *model.buffers()]
     if not any(type(t).__name__ == "DTensor" for t in tensors):  # no torch.distributed import
         return False
@@ -74,7 +100,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(t, DTensor) for t in tensors)
 
 
-def entries(model: torch.nn.Module) -> tuple[list[Entry], dict[str, torch.Tensor]]:
+def _entries(model: torch.nn.Module) -> tuple[list[Entry], dict[str, torch.Tensor]]:
     """The tensors `model.state_dict()` holds, tied ones once (the first name), with their full
     shapes (a DTensor's global one); and the tensor (or DTensor) of each name kept."""
     seen: set[int] = set()
@@ -89,7 +115,7 @@ def entries(model: torch.nn.Module) -> tuple[list[Entry], dict[str, torch.Tensor
     return out, tensors
 
 
-def plan_shards(items: Sequence[Entry], max_shard_size: int | None) -> list[list[Entry]]:
+def _plan_shards(items: Sequence[Entry], max_shard_size: int | None) -> list[list[Entry]]:
     """The tensors in file order, cut into shards of at most `max_shard_size` bytes (a tensor
     larger than that alone in its shard, as transformers does); one file when None."""
     if max_shard_size is None:
@@ -105,14 +131,14 @@ def plan_shards(items: Sequence[Entry], max_shard_size: int | None) -> list[list
     return shards
 
 
-def shard_names(shards: Sequence[Sequence[Entry]]) -> list[str]:
+def _shard_names(shards: Sequence[Sequence[Entry]]) -> list[str]:
     """`model.safetensors`, or transformers' `model-00001-of-00003.safetensors` names."""
     if len(shards) == 1:
         return ["model.safetensors"]
     return [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
 
 
-def header(items: Sequence[Entry]) -> bytes:
+def _header(items: Sequence[Entry]) -> bytes:
     """The safetensors header of `items` stored back to back in that order: its 8-byte length,
     then the JSON, padded with spaces to a multiple of 8 bytes."""
     table: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -130,7 +156,7 @@ def header(items: Sequence[Entry]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The bytes of `tensor` in C order, little-endian as safetensors stores them (no copy when
     it is contiguous already)."""
     import torch
@@ -139,7 +165,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy().data) if flat.numel() else memoryview(b"")
 
 
-class FileWriter:
+class _FileWriter:
     """One safetensors file, written through a temporary name: header first, then each tensor as
     it comes, then fsync and rename. A failure keeps the error and the caller's loop going
     (a collective save must still take part in every gather), and `close` raises it."""
@@ -149,7 +175,7 @@ class FileWriter:
         self.error: Exception | None = None
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.file: Any = None
-        self._guard(lambda: self._open(header(items)))
+        self._guard(lambda: self._open(_header(items)))
 
     def _open(self, head: bytes) -> None:
         self.file = self.tmp.open("wb")
@@ -168,7 +194,7 @@ class FileWriter:
         if tuple(tensor.shape) != want.shape or str(tensor.dtype)[6:] != want.dtype:
             error = f"{name}: {tensor.dtype} {tuple(tensor.shape)} is not the planned "
             self.error = self.error or WmtpError(f"{error}{want.dtype} {want.shape}")
-        self._guard(lambda: self.file.write(tensor_bytes(tensor)))
+        self._guard(lambda: self.file.write(_tensor_bytes(tensor)))
 
     def close(self) -> None:
         """Make the file durable under its name, or raise the first failure (the temporary file
@@ -197,10 +223,24 @@ def write_files(
 ) -> list[str]:
     """Write the `shards` into `folder`, asking `get` for one tensor at a time (a collective for
     a DTensor: every rank calls this in the same order, `folder` None on all but the writer),
-    then the index when there are several; the names of the files, index first."""
-    names = shard_names(shards)
+    then the index when there are several; the names of the files, index first.
+
+    Args:
+        folder: where to write (an existing folder), or None to only call `get` in order.
+        shards: the tensors of each file, in file order (one list: `model.safetensors`).
+        get: the tensor of a name, of the planned dtype and shape.
+
+    Raises:
+        FetchError: a file could not be written (named); WmtpError: `get` gave a tensor of
+            another dtype or shape than planned.
+
+    Example:
+        >>> write_files(Path("out"), [[Entry("w", "float32", (2, 2), 16)]], lambda n: torch.eye(2))
+        ['model.safetensors']
+    """
+    names = _shard_names(shards)
     for name, shard in zip(names, shards, strict=True):
-        writer = None if folder is None else FileWriter(folder / name, shard)
+        writer = None if folder is None else _FileWriter(folder / name, shard)
         for item in shard:
             tensor = get(item.name)
             if writer is not None:
@@ -222,16 +262,37 @@ def write_files(
 
 
 def weight_names(model: torch.nn.Module, max_shard_size: int | str | None) -> list[str]:
-    """The files `write_weights` will write for `model` (index first when sharded)."""
+    """The files `write_weights` will write for `model` (index first when sharded).
+
+    Args:
+        model: the model to save; max_shard_size: as `parse_size` takes, or None.
+
+    Raises:
+        OptionError: `max_shard_size` is not a size, or a tensor has a dtype safetensors lacks.
+
+    Example:
+        >>> weight_names(model, "200MB")
+        ['model.safetensors.index.json', 'model-00001-of-00004.safetensors', ...]
+    """
     size = None if max_shard_size is None else parse_size(max_shard_size)
-    names = shard_names(plan_shards(entries(model)[0], size))
+    names = _shard_names(_plan_shards(_entries(model)[0], size))
     return names if len(names) == 1 else [INDEX, *names]
 
 
 def write_weights(model: torch.nn.Module, folder: Path, max_shard_size: int | str | None) -> None:
     """Write the tensors of `model` into `folder` as `weight_names` says: safetensors' own
     `save_model` for one file of a plain model; else streamed, a DTensor gathered whole one at
-    a time (a collective: `save_collective` has every other rank take part)."""
+    a time (a collective: `save_collective` has every other rank take part).
+
+    Args:
+        model: the model; folder: an existing folder; max_shard_size: as for `weight_names`.
+
+    Raises:
+        FetchError: a file could not be written; OptionError: as `weight_names`.
+
+    Example:
+        >>> write_weights(model, Path("out/mtp"), "200MB")
+    """
     if max_shard_size is None and not is_sharded(model):
         from safetensors.torch import save_model
 
@@ -244,7 +305,7 @@ def write_weights(model: torch.nn.Module, folder: Path, max_shard_size: int | st
 
 
 def _stream(model: torch.nn.Module, folder: Path, max_shard_size: int | str | None) -> None:
-    items, tensors = entries(model)
+    items, tensors = _entries(model)
     size = None if max_shard_size is None else parse_size(max_shard_size)
     lead = _LEAD.get()
 
@@ -254,7 +315,7 @@ def _stream(model: torch.nn.Module, folder: Path, max_shard_size: int | str | No
             lead.gathered += 1
         return full
 
-    write_files(folder, plan_shards(items, size), get)
+    write_files(folder, _plan_shards(items, size), get)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -279,12 +340,24 @@ def save_collective(model: torch.nn.Module, run: Callable[[], T]) -> T | None:
     part in each gather, in the same order; then all return rank 0's answer, or all raise its
     error. When rank 0 fails before or during its gathers, it runs the rest of them anyway,
     writing nothing, so no rank waits for a gather that would never come. None when `model`
-    needs no collective, or on rank 0's own nested call: the caller then saves as usual."""
+    needs no collective, or on rank 0's own nested call: the caller then saves as usual.
+
+    Args:
+        model: the model being saved; run: the rest of `save`, on rank 0.
+
+    Raises:
+        Rank 0's error on rank 0; on the others, a `WmtpError` naming rank 0 and its error (or
+        their own error, if a gather failed there).
+
+    Example (the first lines of `wmtp.save`):
+        >>> if (answer := save_collective(model, lambda: save(**args))) is not None:
+        ...     return answer
+    """
     import torch.distributed as dist
 
     if _LEAD.get() is not None or not dist.is_initialized() or not is_sharded(model):
         return None
-    items, tensors = entries(model)
+    items, tensors = _entries(model)
     outcome: tuple[str, Any] = ("ok", None)
     if dist.get_rank() == 0:
         token = _LEAD.set(lead := _Lead())
@@ -311,20 +384,3 @@ def save_collective(model: torch.nn.Module, run: Callable[[], T]) -> T | None:
         raise WmtpError(f"rank 0 failed to save: {type(error).__name__}: {error}")
     result: T = said[0][1]
     return result
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the names in `folder` (renames, new files) durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError as e:
-        raise FetchError(f"{folder}: cannot be opened to sync it: {e.strerror}") from None
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def json_bytes(value: Mapping[str, Any]) -> bytes:
-    """Indented JSON, as the other files of a folder are written."""
-    return msgspec.json.format(msgspec.json.encode(value), indent=2) + b"\n"
