@@ -587,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI: the small model, 1 run")
     parser.add_argument("--runs", type=int, help="runs per method (default 3, quick 1)")
     parser.add_argument("--no-bucket", action="store_true", help="skip the S3 rows")
+    parser.add_argument("--only", help="these methods alone, comma-separated (e.g. bucket-wmtp)")
     parser.add_argument("--workdir", type=Path, help="keep generated models here, reuse them")
     parser.add_argument("--out", type=Path, help="results path, without suffix")
     args = parser.parse_args(argv)
@@ -608,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "bucket_url": f"s3://{server.bucket}/bench-ckpt",
             }
             plan += [("bucket-wmtp", 1, opts), ("bucket-old", 1, opts)]
+        plan = [job for job in plan if not args.only or job[0] in args.only.split(",")]
         jobs = {f"{m}/{w}": functools.partial(run_sample, m, w, model, o) for m, w, o in plan}
         samples = harness.interleave(jobs, runs)
     finally:
@@ -619,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     rows = [summarise(m, w, r, samples[f"{m}/{w}"]) for m, w, _ in plan for r in range(w)]
     found = targets(model.spec.name, rows, args.quick)
+    found = [t for t in found if not args.only or t.status != "not measured"]
     failures = harness.failed(found) + [f"{r.method}: {p}" for r in rows for p in r.problems]
     import torch
 

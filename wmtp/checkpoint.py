@@ -167,7 +167,8 @@ def save_checkpoint(
     staging = root or Path(tempfile.mkdtemp(prefix="wmtp-ckpt-"))
     with _agreed(group, "create the checkpoint folder"), translate(str(staging)):
         staging.mkdir(parents=True, exist_ok=True)
-    writer = FileSystemWriter(str(staging), sync_files=True, thread_count=WRITE_THREADS)
+    # A staging folder needs no fsync: the upload, not the local copy, is what lasts.
+    writer = FileSystemWriter(str(staging), sync_files=root is not None, thread_count=WRITE_THREADS)
     kind = None if optimizer is None else type(optimizer).__name__
     info = CheckpointInfo(step=step, epoch=epoch, extra=kept, world_size=world,
                           model=_class_name(model), optimizer=kind, files={})  # fmt: skip
@@ -182,20 +183,23 @@ def save_checkpoint(
 
     options: dict[str, Any] = {"storage_writer": writer, "process_group": group}
     options["no_dist"] = group is None
-    if not background:
+    try:
+        if group is None and background:  # DCP warns from its thread, where no filter reaches
+            warnings.filterwarnings("ignore", _NO_GROUP, UserWarning)
         with _dcp_errors(f"saving checkpoint {where}"):
-            saved = save(state, **options)
-        return finish(saved)
-    if group is None:  # DCP warns from its writing thread, where no filter of ours reaches
-        warnings.filterwarnings("ignore", _NO_GROUP, UserWarning)
-    with _dcp_errors(f"saving checkpoint {where}"):
-        writing = async_save(state, **options)
+            writing: Any = async_save(state, **options) if background else save(state, **options)
+    except BaseException:
+        if root is None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not background:
+        return finish(writing)
     done: Future[str] = Future()
 
     def complete() -> None:
         try:
             with _dcp_errors(f"saving checkpoint {where}"):
-                saved = writing.result()  # type: ignore[union-attr]
+                saved = writing.result()
             done.set_result(finish(saved))
         except BaseException as e:  # the caller sees it in the future
             done.set_exception(e)
@@ -508,9 +512,10 @@ def _finish(
     for item in saved.storage_data.values():
         sizes[item.relative_path] = max(sizes.get(item.relative_path, 0), item.offset + item.length)
     with _agreed(group, "upload its checkpoint files"):
-        for path in sorted(staging.glob("*.distcp")):
-            if store is not None:
-                _upload(store, location, staging, path.name)
+        if store is not None:  # this rank's files, at once
+            with ThreadPoolExecutor(WRITE_THREADS) as pool:
+                names = sorted(p.name for p in staging.glob("*.distcp"))
+                list(pool.map(lambda name: _upload(store, location, staging, name), names))
     with _agreed(group, f"write {join(location, MARKER)}"), translate(location):
         if rank != 0:
             return
