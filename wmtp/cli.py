@@ -228,6 +228,37 @@ def _migrate(args: argparse.Namespace) -> Result:
     }, False
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _location(p)
+    p.add_argument("dest", help="the model folder (or URL) to write")
+    p.add_argument("--like", required=True, help="the model folder the checkpoint trained")
+    p.add_argument("--dtype", help="cast floating weights, e.g. bf16, fp16, fp32")
+
+
+def _export(args: argparse.Namespace) -> Result:
+    from wmtp.export import export_checkpoint
+
+    start = time.perf_counter()
+    options = _storage_options(args)
+    export_checkpoint(
+        args.location, args.dest, like=args.like, dtype=args.dtype, storage_options=options
+    )
+    meta = msgspec.json.decode(msgspec.json.encode(_read_meta(args.dest, options)))
+    return {
+        "checkpoint": args.location,
+        "dest": args.dest,
+        "like": args.like,
+        "files": meta["files"],
+        "seconds": round(time.perf_counter() - start, 4),
+    }, False
+
+
+def _read_meta(location: str, options: dict[str, str] | None) -> Any:
+    from wmtp.store import read_metadata
+
+    return read_metadata(location, storage_options=options)
+
+
 COMMANDS: Final[Mapping[str, Command]] = {
     "load": Command(
         "load a model; print its class, size, dtype, files and time per phase",
@@ -259,6 +290,13 @@ COMMANDS: Final[Mapping[str, Command]] = {
         "wmtp migrate ./old/distilgpt2 --algorithm rho1-wmtp --write",
         _migrate_args,
         _migrate,
+    ),
+    "export": Command(
+        "write a training checkpoint's weights as a model folder that wmtp load reads "
+        "(config, module, tokenizer and metadata from --like), tensor by tensor",
+        "wmtp export ckpt/step-000300 models/mtp-trained --like models/distilgpt2-mtp",
+        _export_args,
+        _export,
     ),
 }
 

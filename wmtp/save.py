@@ -40,6 +40,7 @@ def save(
     tokenizer: Any = None,
     keep_overrides: bool = False,
     storage_options: StorageOptions | None = None,
+    max_shard_size: int | str | None = None,
 ) -> Metadata:
     """Write `config.json`, `model.safetensors` (tied weights once), the model's module
     file for a custom model, and `metadata.json` (last, with the integrity manifest of
@@ -59,6 +60,11 @@ def save(
     `metadata.json` last, so a reader never loads a half-uploaded model: an interrupted save
     leaves no `metadata.json`, or the previous one (whose manifest refuses a replaced file).
 
+    A model from `load(..., parallelize=...)` (FSDP2 / DTensor parameters) is saved by every
+    rank at once (a collective): each full tensor is gathered in turn and written by rank 0,
+    so memory holds the largest tensor, not the model; the model's own class, config and module
+    file are saved (not FSDP's wrapper class), and every rank returns rank 0's metadata.
+
     Args:
         model: the model; it must carry a transformers config as `model.config`.
         dest: the folder (created if needed; `~` is expanded) or URL to write.
@@ -69,13 +75,17 @@ def save(
         keep_overrides: write the settings `wmtp.load(config_overrides=...)` changed into
             config.json as they are now; by default they are saved as config.json had them.
         storage_options: obstore configuration for a URL, as for `wmtp.load`.
+        max_shard_size: bytes, or "5GB", "200MB": cut the weights into shards of at most this
+            size with a `model.safetensors.index.json` (as transformers does), all of them
+            listed in `required_files`; None writes one `model.safetensors`.
 
     Raises:
         MetadataError: the model has no `config`, or no Auto class builds it.
         OptionError: an argument the metadata cannot hold (`wmtp_type="bogus"`, a string for
             `algorithm_compatibility`); an empty destination, or one that is a file or cannot
             be written; tensors on the meta device; a custom class defined in no .py file;
-            `tokenizer` without `save_pretrained`; an invalid storage option.
+            `tokenizer` without `save_pretrained`; an invalid storage option or
+            `max_shard_size`.
         FetchError: an upload failed (after the retries); it names the file's URL and cause.
         StoreAccessError: the store refused the credentials.
         ModelFileError: the store has no such bucket (container).
@@ -84,8 +94,11 @@ def save(
         >>> save(model, "out/mtp", wmtp_type="base_model", algorithm_compatibility=["baseline-mtp"])
         >>> save(model, "s3://bucket/models/mtp-step-1000", wmtp_type="base_model",
         ...      algorithm_compatibility=["baseline-mtp"], storage_options={"region": "us-east-1"})
+        >>> save(fsdp_model, "out/mtp", wmtp_type="base_model",  # on every rank (torchrun)
+        ...      algorithm_compatibility=["baseline-mtp"], max_shard_size="200MB")
     """
-    from safetensors.torch import save_model
+    args = dict(locals())  # the arguments, for every rank's part of a collective save
+    from wmtp.gather import original_class, save_collective, weight_names, write_weights
 
     location = _destination(dest)
     _check_fields(
@@ -95,6 +108,8 @@ def save(
         base_architecture=base_architecture,
         **({} if transformers_class is None else {"transformers_class": transformers_class}),
     )
+    if (answer := save_collective(model, lambda: save(**args))) is not None:
+        return answer
     if (root := local_root(location)) is None:
         store = open_store(location, storage_options)  # a bad URL or option fails before work
         with tempfile.TemporaryDirectory(prefix="wmtp-save-") as staging:
@@ -108,6 +123,7 @@ def save(
                 transformers_class=transformers_class,
                 tokenizer=tokenizer,
                 keep_overrides=keep_overrides,
+                max_shard_size=max_shard_size,
             )
             for name in [*(meta.files or {}), "metadata.json"]:
                 _upload(store, location, Path(staging), name)
@@ -125,14 +141,14 @@ def save(
             f"{meta_names[0]!r}), which hold no data to save; give them values first (e.g. "
             "wmtp.load(..., device='cpu'), or to_empty(device='cpu') and load a state dict)"
         )
-    cls = type(model)
+    cls = original_class(model)  # FSDP2's `FSDP<name>` class is made on the fly by torch
     config = copy.deepcopy(config)
     if not keep_overrides:  # `load(config_overrides=...)` set them for a run, not for good
         for key, value in getattr(model, "wmtp_replaced_config", {}).items():
             setattr(config, key, value)
     config.architectures = [cls.__name__]
     folder, module_file = root, None  # `~` expanded, as `load` reads it
-    files = ["config.json", "model.safetensors"]
+    files = ["config.json", *weight_names(model, max_shard_size)]
     if cls.__module__.startswith("transformers."):
         from wmtp.explain import auto_class_for
 
@@ -157,10 +173,7 @@ def save(
             _write(folder / module_file.name, module_file.read_bytes())
         tokenizer_files = () if tokenizer is None else _save_tokenizer(tokenizer, folder)
         _write(folder / "config.json", config.to_json_string().encode())
-        tmp = folder / f".model.safetensors.{os.getpid()}.tmp"
-        save_model(model, str(tmp))
-        tmp.chmod(0o644)  # safetensors creates it private; a model folder is meant to be shared
-        tmp.replace(folder / "model.safetensors")
+        write_weights(model, folder, max_shard_size)
         strategy = msgspec.structs.replace(strategy, tokenizer_files=tokenizer_files)
         meta = Metadata(
             wmtp_type=wmtp_type,
