@@ -30,7 +30,9 @@ TOOLS: Final = frozenset(
 # A training run's helpers, imported on first use of `wmtp.load_roles`, `resolve_roles`,
 # `ALGORITHM_ROLES`, `load_tokenizer` or the checkpoint calls (never by `load` or `resolve`):
 # counted apart.
-TRAINING: Final = frozenset({"wmtp.roles", "wmtp.tokenizer", "wmtp.checkpoint", "wmtp.export"})
+TRAINING: Final = frozenset(
+    {"wmtp.roles", "wmtp.tokenizer", "wmtp.checkpoint", "wmtp.dcp", "wmtp.export"}
+)
 PROBE: Final = """
 import json, sys, wmtp
 wmtp.load("examples/tiny-mtp")

@@ -17,15 +17,13 @@ from wmtp.save import save
 
 if TYPE_CHECKING:
     from wmtp.checkpoint import *  # noqa: F403 (its __all__: the training checkpoint calls)
-    from wmtp.export import export_checkpoint
     from wmtp.remote import cache_root
     from wmtp.roles import ALGORITHM_ROLES, load_roles, resolve_roles
     from wmtp.tokenizer import load_tokenizer
 # What a training run needs besides `load`, and the cache's place, come on first use.
 _LATER = dict.fromkeys(("ALGORITHM_ROLES", "load_roles", "resolve_roles"), "roles")
 _LATER |= {"load_tokenizer": "tokenizer", "cache_root": "remote", "TrainingState": "checkpoint"}
-_LATER |= {f"{verb}_checkpoint": "checkpoint" for verb in ("save", "load", "latest")}
-_LATER |= {"export_checkpoint": "export"}
+_LATER |= {f"{verb}_checkpoint": "checkpoint" for verb in ("save", "load", "latest", "export")}
 
 
 def __getattr__(name: str) -> Any:

@@ -20,9 +20,6 @@ changed: keys, shapes, dtypes, the optimizer's kind, and every file's presence a
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import io
 import os
 import pickle
 import shutil
@@ -32,15 +29,27 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import obstore
 
+from wmtp.dcp import (
+    DCP_METADATA,
+    MARKER,
+    NO_GROUP,
+    CheckpointInfo,
+    dcp_errors,
+    dcp_reader,
+    fetch_files,
+    read_dcp_metadata,
+    read_info,
+    safe_planner,
+    signature,
+    stored_keys,
+)
 from wmtp.errors import (
-    IntegrityError,
     MetadataError,
     ModelFileError,
     OptionError,
@@ -48,22 +57,19 @@ from wmtp.errors import (
     WmtpError,
 )  # fmt: skip
 from wmtp.location import StorageOptions, join, local_root, translate
-from wmtp.metadata import RelPath
-from wmtp.store import open_store, read_file
+from wmtp.store import open_store
 
 if TYPE_CHECKING:
     import torch
     from obstore.store import ObjectStore
     from torch.distributed.checkpoint.metadata import Metadata as DcpMetadata
 
-__all__ = ["TrainingState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
-MARKER: Final = "checkpoint.json"
-DCP_METADATA: Final = ".metadata"
-VERSION: Final = 1
+__all__ = [
+    "TrainingState", "export_checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint"
+]  # fmt: skip
 WRITE_THREADS: Final = 2  # files per rank DCP writes at once
 OLD_SUFFIXES: Final = (".pt", ".pth")
 LISTED: Final = 8  # keys named in an error before "... and N more"
-_NO_GROUP: Final = "torch.distributed is disabled"  # DCP's warning: one process is a use here
 
 
 class TrainingState(msgspec.Struct, frozen=True):
@@ -75,21 +81,6 @@ class TrainingState(msgspec.Struct, frozen=True):
     extra: dict[str, Any] = {}
 
 
-class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """`checkpoint.json`: written last, so a folder that has it holds a complete checkpoint."""
-
-    format: Literal["wmtp-checkpoint"] = "wmtp-checkpoint"
-    version: int = VERSION
-    step: int
-    epoch: int
-    extra: dict[str, Any]
-    world_size: int  # the ranks that saved it (any world size loads it)
-    model: str  # the class of the model saved
-    optimizer: str | None  # the class of the optimizer saved; None: the model alone
-    files: dict[RelPath, int]  # every other file of the checkpoint -> its size in bytes
-
-
-_decode_info: Final = msgspec.json.Decoder(CheckpointInfo).decode
 _pending: list[Future[str]] = []  # the background save in flight, if any
 _groups: list[Any] = []  # (default process group, the gloo group of checkpoint collectives)
 
@@ -184,8 +175,8 @@ def save_checkpoint(
     options["no_dist"] = group is None
     try:
         if group is None and background:  # DCP warns from its thread, where no filter reaches
-            warnings.filterwarnings("ignore", _NO_GROUP, UserWarning)
-        with _dcp_errors(f"saving checkpoint {where}"):
+            warnings.filterwarnings("ignore", NO_GROUP, UserWarning)
+        with dcp_errors(f"saving checkpoint {where}"):
             writing: Any = async_save(state, **options) if background else save(state, **options)
     except BaseException:
         if root is None:
@@ -197,7 +188,7 @@ def save_checkpoint(
 
     def complete() -> None:
         try:
-            with _dcp_errors(f"saving checkpoint {where}"):
+            with dcp_errors(f"saving checkpoint {where}"):
                 saved = writing.result()
             done.set_result(finish(saved))
         except BaseException as e:  # the caller sees it in the future
@@ -259,7 +250,7 @@ def load_checkpoint(
     if where.rstrip("/").endswith(OLD_SUFFIXES) or ((p := local_root(where)) and p.is_file()):
         return _load_old(where, model, optimizer, group, storage_options)
     with _agreed(group, f"read checkpoint {where}"):
-        info, folder, links = _fetch(where, storage_options)
+        info, folder, links = fetch_files(where, storage_options)
     try:
         return _load_dcp(where, info, folder, model, optimizer, group)
     finally:
@@ -298,7 +289,7 @@ def latest_checkpoint(
 
     def step_of(name: str) -> tuple[int, str] | None:
         try:
-            info = _read_info(join(where, name), storage_options)
+            info = read_info(join(where, name), storage_options)
         except WmtpError:
             return None
         return None if info is None else (info.step, name)
@@ -306,6 +297,49 @@ def latest_checkpoint(
     with ThreadPoolExecutor(8) as pool:
         found = [s for s in pool.map(step_of, names) if s is not None]
     return join(where, max(found)[1]) if found else None
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    like: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    storage_options: StorageOptions | None = None,
+) -> str:
+    """Write the trained weights of `checkpoint` as a model folder that `wmtp.load` reads
+    back: the model's tensors as `model.safetensors` (tied weights once), and `config.json`,
+    the module file, the tokenizer files and the metadata (`wmtp_type`,
+    `algorithm_compatibility`...) of the model folder `like`, with an integrity manifest.
+
+    The model is never built: the tensors are read from the checkpoint one at a time and
+    streamed into the file, so memory holds the largest tensor, not the model. The file uses
+    the model's own key names, and the metadata an identity key mapping.
+
+    Args:
+        checkpoint: a checkpoint folder `save_checkpoint` wrote (path or URL).
+        dest: the model folder to write (path or URL; a URL is written locally, then uploaded
+            with `metadata.json` last).
+        like: the model folder the checkpoint was trained from (path or URL).
+        dtype: cast floating tensors to this ("bf16", `torch.float16`...); None keeps them.
+        storage_options: obstore options for URLs, as for `wmtp.load`.
+
+    Returns:
+        `dest` as given.
+
+    Raises:
+        ModelFileError: no checkpoint, or no `like` folder.
+        WeightsError: the checkpoint's tensors do not fit the model of `like` (keys, shapes).
+        OptionError: a bad `dtype`.
+
+    Example:
+        >>> wmtp.export_checkpoint("ckpt/step-000300", "models/mtp-trained",
+        ...                        like="models/distilgpt2-mtp", dtype="bf16")
+        'models/mtp-trained'
+    """
+    from wmtp.export import export
+
+    return export(os.fspath(checkpoint), os.fspath(dest), os.fspath(like), dtype, storage_options)
 
 
 def _wait_pending() -> None:
@@ -351,21 +385,6 @@ def _agreed(group: Any, what: str) -> Iterator[None]:
         raise failure
 
 
-@contextmanager
-def _dcp_errors(what: str) -> Iterator[None]:
-    """DCP's failures (its `CheckpointException` gathers every rank's) as a `WmtpError`; its
-    warning that there is no process group (one process is a case wmtp serves) silenced."""
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", _NO_GROUP, UserWarning)
-            yield
-    except WmtpError:
-        raise
-    except Exception as e:
-        cause = str(e).strip().splitlines()
-        raise WmtpError(f"{what} failed: {type(e).__name__}: {' '.join(cause)[:2000]}") from e
-
-
 def _class_name(model: torch.nn.Module) -> str:
     from wmtp.gather import original_class
 
@@ -396,25 +415,6 @@ def _flat() -> Any:
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def _read_info(location: str, options: StorageOptions | None) -> CheckpointInfo | None:
-    """The `checkpoint.json` of `location`, or None when there is none."""
-    source = join(location, MARKER)
-    try:
-        if (root := local_root(location)) is not None:
-            with translate(source):
-                data = (root / MARKER).read_bytes() if (root / MARKER).is_file() else None
-        else:
-            data = read_file(location, MARKER, options)
-    except ModelFileError:
-        return None
-    if data is None:
-        return None
-    try:
-        return _decode_info(data)
-    except msgspec.MsgspecError as e:
-        raise MetadataError(f"{source}: not a wmtp checkpoint.json: {e}") from None
-
-
 def _clear(
     location: str,
     root: Path | None,
@@ -424,7 +424,7 @@ def _clear(
 ) -> None:
     """Refuse to replace a complete checkpoint unless `overwrite`; then delete what an earlier
     save left (`checkpoint.json` first), so old files never mix with the new ones."""
-    if (info := _read_info(location, options)) is not None and not overwrite:
+    if (info := read_info(location, options)) is not None and not overwrite:
         raise OptionError(
             f"{location} already holds a complete checkpoint (step {info.step}); pass "
             "overwrite=True to replace it, or save each checkpoint in a folder of its own"
@@ -501,172 +501,6 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fetch(
-    location: str, options: StorageOptions | None
-) -> tuple[CheckpointInfo, Path, Path | None]:
-    """The checkpoint's `checkpoint.json`, a local folder of its files (for a bucket: links to
-    the cached downloads, in a temporary folder returned third for removal), every file there
-    at its size."""
-    from wmtp.store import fetch
-
-    info = _read_info(location, options)
-    if info is None:
-        raise ModelFileError(
-            f"{location} holds no complete checkpoint: {MARKER} is missing (a save that did not "
-            "finish, or not a checkpoint folder); use wmtp.latest_checkpoint(root) to find one"
-        )
-    names = sorted(info.files)
-    if DCP_METADATA not in info.files:
-        raise MetadataError(f"{join(location, MARKER)}: `files` does not list {DCP_METADATA}")
-    if (root := local_root(location)) is not None:
-        missing = {n: None for n in names if not (root / n).is_file()}
-        if missing:
-            from wmtp.hints import missing_files
-
-            raise missing_files(location, dict.fromkeys(names, True) | missing)
-        paths, links = {n: root / n for n in names}, None
-    else:
-        paths = fetch(location, names, storage_options=options)
-        links = Path(tempfile.mkdtemp(prefix="wmtp-ckpt-"))
-        for name, path in paths.items():
-            (links / name).symlink_to(path.resolve())
-    for name, size in info.files.items():
-        if (have := paths[name].stat().st_size) != size:
-            if links is not None:
-                shutil.rmtree(links, ignore_errors=True)
-            raise IntegrityError(
-                f"{join(location, name)} has {have} bytes, but {MARKER} says {size}: the file "
-                "is truncated or was replaced; resume from another checkpoint"
-            )
-    return info, (root if links is None else links), links  # type: ignore[return-value]
-
-
-# DCP's `.metadata` is a pickle: read with only these callables, which build records, not code.
-_SAFE_MODULES: Final = tuple(
-    f"torch.distributed.checkpoint.{m}" for m in ("metadata", "filesystem", "planner")
-)
-_SAFE_NAMES: Final = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                      ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
-                      ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-                      ("pathlib", "PureWindowsPath")}  # fmt: skip
-
-
-class _Unpickler(pickle.Unpickler):
-    """Builds DCP's metadata records (dataclasses, enums), torch dtypes, layouts, memory
-    formats and sizes, and nothing else: a pickle naming any other callable is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        import torch
-
-        found = getattr(import_module(module), name, None) if module in _MODULES_OK else None
-        if (module, name) in _SAFE_NAMES:
-            return getattr(import_module(module), name)
-        record = isinstance(found, type) and (
-            dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)
-        )
-        if module in _SAFE_MODULES and record:
-            return found
-        if module == "torch" and isinstance(
-            found, torch.dtype | torch.layout | torch.memory_format
-        ):
-            return found
-        raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint record")
-
-
-_MODULES_OK: Final = {*_SAFE_MODULES, "torch"}
-
-
-def read_dcp_metadata(path: Path, source: str) -> DcpMetadata:
-    """DCP's `.metadata` at `path` (named `source` in errors), read without running code.
-
-    Args:
-        path: the local file; source: its name (path or URL) for messages.
-
-    Raises:
-        MetadataError: not DCP metadata, or a pickle that names anything but DCP's records.
-
-    Example:
-        >>> read_dcp_metadata(Path("ckpt/step-1/.metadata"), "ckpt/step-1/.metadata")
-        Metadata(state_dict_metadata={...}, ...)
-    """
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    try:
-        with translate(source), path.open("rb") as f:
-            found = _Unpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise MetadataError(f"{source}: not DCP checkpoint metadata, refused: {e}") from None
-    if not isinstance(found, Metadata):
-        raise MetadataError(f"{source}: not DCP checkpoint metadata ({type(found).__name__})")
-    return found
-
-
-def _reader(folder: Path, source: str) -> Any:
-    """DCP's `FileSystemReader` on `folder`, its `.metadata` read by `read_dcp_metadata` once."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class Reader(FileSystemReader):
-        cached: Any = None
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> DcpMetadata:
-            if self.cached is None:
-                self.cached = read_dcp_metadata(folder / DCP_METADATA, join(source, DCP_METADATA))
-            if getattr(self.cached, "storage_meta", None) is None:
-                self.cached.storage_meta = StorageMeta()
-            self.cached.storage_meta.load_id = self.load_id
-            return self.cached  # type: ignore[no-any-return]
-
-    return Reader(str(folder))
-
-
-def _planner() -> Any:
-    """DCP's default load planner, its non-tensor values read by `torch.load(weights_only=True)`
-    (DCP's own reads them with `weights_only=False`, which runs any pickle)."""
-    import torch
-    from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    class Planner(DefaultLoadPlanner):
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            try:
-                found = torch.load(value, weights_only=True)
-            except pickle.UnpicklingError as e:
-                fqn = read_item.dest_index.fqn
-                raise MetadataError(f"{fqn}: a value that would run code, refused: {e}") from None
-            if self.flatten_state_dict:
-                set_element(
-                    self.original_state_dict, self.mappings[read_item.dest_index.fqn], found
-                )
-            else:
-                self.state_dict[read_item.dest_index.fqn] = found
-
-    return Planner()
-
-
-def _signature(value: Any) -> tuple[Any, ...] | None:
-    """(shape, dtype) of a tensor, None for other values."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape), str(value.dtype).removeprefix("torch.")
-    return None
-
-
-def _stored(saved: DcpMetadata, prefix: str) -> dict[str, tuple[Any, ...] | None]:
-    """The keys under `prefix` in DCP's metadata: (shape, dtype) of tensors, None of others."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    out: dict[str, tuple[Any, ...] | None] = {}
-    for key, item in saved.state_dict_metadata.items():
-        if key.startswith(prefix):
-            sig = None
-            if isinstance(item, TensorStorageMetadata):
-                sig = tuple(item.size), str(item.properties.dtype).removeprefix("torch.")
-            out[key.removeprefix(prefix)] = sig
-    return out
 
 
 def _mismatch(
@@ -749,9 +583,9 @@ def _load_dcp(
             raise MetadataError(f"{join(location, DCP_METADATA)} names files that {MARKER} "
                                 f"does not list: {sorted(unknown)}")  # fmt: skip
         own = get_model_state_dict(model)
-        want = {k: _signature(v) for k, v in own.items()}
+        want = {k: signature(v) for k, v in own.items()}
         what = f"{_class_name(model)} (saved from {info.model})"
-        if error := _mismatch(location, what, want, _stored(saved, "model.")):
+        if error := _mismatch(location, what, want, stored_keys(saved, "model.")):
             raise error
         if optimizer is not None:
             _check_kind(location, info, optimizer)
@@ -759,7 +593,7 @@ def _load_dcp(
     # is read; a fresh optimizer's state is made here and dropped again if anything fails.
     buffers = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in own.items()}
     state: dict[str, Any] = {"model": buffers}
-    stored = _stored(saved, "optim.")
+    stored = stored_keys(saved, "optim.")
     plain = None if optimizer is None else _optimizer_buffers(location, model, optimizer, stored)
     fresh = optimizer is not None and not optimizer.state and plain is None
     try:
@@ -768,7 +602,7 @@ def _load_dcp(
                 state["optim"] = plain[0]
             elif optimizer is not None:
                 osd = get_optimizer_state_dict(model, optimizer, options=_flat())  # fresh: inits
-                have = {k: _signature(v) for k, v in osd.items()}
+                have = {k: signature(v) for k, v in osd.items()}
                 kind = type(optimizer).__name__
                 if error := _mismatch(location, f"{kind} state", have, stored):
                     raise error
@@ -777,8 +611,8 @@ def _load_dcp(
                         k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in osd.items()
                     }
                 state["optim"] = osd
-        with _dcp_errors(f"reading checkpoint {location}"):
-            load(state, storage_reader=_reader(folder, location), planner=_planner(),
+        with dcp_errors(f"reading checkpoint {location}"):
+            load(state, storage_reader=dcp_reader(folder, location), planner=safe_planner(),
                      process_group=group, no_dist=group is None)  # fmt: skip
     except BaseException:
         if fresh and optimizer is not None:
@@ -794,7 +628,7 @@ def _load_dcp(
                 isinstance(target, torch.Tensor)
                 and isinstance(tensor, torch.Tensor)
                 and not isinstance(target, DTensor)
-                and _signature(target) == _signature(tensor)
+                and signature(target) == signature(tensor)
                 and target.device == tensor.device
             ):
                 target.data = tensor  # the read tensor itself: no copy (the Parameter is kept)
@@ -957,8 +791,8 @@ def _load_old(
             raise MetadataError(f"{location}: not a checkpoint dict with a 'model' state dict")
         tensors = dict(data["model"])
         own = get_model_state_dict(model)
-        want = {k: _signature(v) for k, v in own.items()}
-        found = {k: _signature(v) for k, v in tensors.items()}
+        want = {k: signature(v) for k, v in own.items()}
+        found = {k: signature(v) for k, v in tensors.items()}
         optional = _tied_aliases(model, list(own))
         if error := _mismatch(location, _class_name(model), want, found, optional):
             raise error

@@ -236,7 +236,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> Result:
-    from wmtp.export import export_checkpoint
+    from wmtp.checkpoint import export_checkpoint
 
     start = time.perf_counter()
     options = _storage_options(args)

@@ -3,7 +3,6 @@ streamed tensor by tensor from the DCP files into safetensors, without building 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -13,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from wmtp.build import remap_state_dict
-from wmtp.checkpoint import (
+from wmtp.dcp import (
     DCP_METADATA,
-    _dcp_errors,
-    _fetch,
-    _planner,
-    _reader,
-    _stored,
+    dcp_errors,
+    dcp_reader,
+    fetch_files,
     read_dcp_metadata,
+    safe_planner,
+    stored_keys,
 )
 from wmtp.errors import WeightsError
 from wmtp.gather import Entry, write_files
@@ -34,47 +33,6 @@ if TYPE_CHECKING:
     import torch
 
 
-def export_checkpoint(
-    checkpoint: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
-    *,
-    like: str | os.PathLike[str],
-    dtype: torch.dtype | str | None = None,
-    storage_options: StorageOptions | None = None,
-) -> str:
-    """Write the trained weights of `checkpoint` as a model folder that `wmtp.load` reads
-    back: the model's tensors as `model.safetensors` (tied weights once), and `config.json`,
-    the module file, the tokenizer files and the metadata (`wmtp_type`,
-    `algorithm_compatibility`...) of the model folder `like`, with an integrity manifest.
-
-    The model is never built: the tensors are read from the checkpoint one at a time and
-    streamed into the file, so memory holds the largest tensor, not the model. The file uses
-    the model's own key names, and the metadata an identity key mapping.
-
-    Args:
-        checkpoint: a checkpoint folder `save_checkpoint` wrote (path or URL).
-        dest: the model folder to write (path or URL; a URL is written locally, then uploaded
-            with `metadata.json` last).
-        like: the model folder the checkpoint was trained from (path or URL).
-        dtype: cast floating tensors to this ("bf16", `torch.float16`...); None keeps them.
-        storage_options: obstore options for URLs, as for `wmtp.load`.
-
-    Returns:
-        `dest` as given.
-
-    Raises:
-        ModelFileError: no checkpoint, or no `like` folder.
-        WeightsError: the checkpoint's tensors do not fit the model of `like` (keys, shapes).
-        OptionError: a bad `dtype`.
-
-    Example:
-        >>> wmtp.export_checkpoint("ckpt/step-000300", "models/mtp-trained",
-        ...                        like="models/distilgpt2-mtp", dtype="bf16")
-        'models/mtp-trained'
-    """
-    return export(os.fspath(checkpoint), os.fspath(dest), os.fspath(like), dtype, storage_options)
-
-
 def export(
     checkpoint: str,
     dest: str,
@@ -86,7 +44,7 @@ def export(
     from wmtp.load import parse_dtype
 
     cast = parse_dtype(dtype)
-    _, folder, links = _fetch(checkpoint, options)
+    _, folder, links = fetch_files(checkpoint, options)
     try:
         meta = read_metadata(like, storage_options=options)
         strategy = meta.loading_strategy
@@ -99,7 +57,7 @@ def export(
             remap_state_dict(dict(zip(stored, stored, strict=True)), strategy.state_dict_mapping)
         )
         saved = read_dcp_metadata(folder / DCP_METADATA, join(checkpoint, DCP_METADATA))
-        have = _stored(saved, "model.")
+        have = stored_keys(saved, "model.")
         read = _tensors(folder, checkpoint, have)
         _check(checkpoint, like, keys, have, read)
         items = []
@@ -151,7 +109,7 @@ Read = Callable[[str, "torch.dtype | None"], "torch.Tensor"]  # key, cast -> the
 def _tensors(folder: Path, source: str, have: dict[str, Any]) -> Read:
     """A reader of the DCP checkpoint in `folder`'s tensors, one at a time (DCP assembles a
     tensor's shards), each cast to the dtype given (floating ones only)."""
-    reader = _reader(folder, source)
+    reader = dcp_reader(folder, source)
 
     def read(key: str, cast: torch.dtype | None = None) -> torch.Tensor:
         import torch
@@ -159,8 +117,8 @@ def _tensors(folder: Path, source: str, have: dict[str, Any]) -> Read:
 
         shape, kind = have[key]
         tensor = torch.empty(shape, dtype=getattr(torch, kind))
-        with _dcp_errors(f"reading {key!r} of checkpoint {source}"):
-            load({"model": {key: tensor}}, storage_reader=reader, planner=_planner(),
+        with dcp_errors(f"reading {key!r} of checkpoint {source}"):
+            load({"model": {key: tensor}}, storage_reader=reader, planner=safe_planner(),
                  no_dist=True)  # fmt: skip
         return tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
 
