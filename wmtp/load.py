@@ -155,6 +155,7 @@ def load(
     verify: bool = False,
     config_overrides: Mapping[str, Any] | None = None,
     parallelize: Callable[[torch.nn.Module], Any] | None = None,
+    quantization: str | None = None,
     timings: dict[str, float] | None = None,
 ) -> torch.nn.Module:
     """Load the model at `location` exactly as its `metadata.json` says, in eval mode. Keys,
@@ -172,6 +173,7 @@ def load(
         config_overrides: config settings to change before the model is built, e.g.
             `{"output_hidden_states": True}`; a setting the config lacks is an `OptionError`.
         parallelize: shards the model built empty (FSDP2, TP); ranks fill their own shards.
+        quantization: "int8", "nf4" or "fp4": bitsandbytes' layers, quantised as read.
         timings: a dict to fill with seconds per phase: fetch, map, import, build, assign.
 
     Raises:
@@ -198,9 +200,13 @@ def load(
     marks.append(time.perf_counter())
     model, groups, keys = plan(location, meta, files, headers, cast, config_overrides, marks.append)
     marks.append(time.perf_counter())
-    tensors = read_tensors([(files[n], h) for n, h in headers.items()], cast)
+    tensors = read_tensors(files, headers, None if quantization else cast)  # quantised: as read
     named = {key: tensors[name] for key, name in keys.items()}
-    if parallelize is None:
+    if quantization is not None:  # bitsandbytes' layers, each weight quantised on `place`
+        from wmtp.quant import quantize
+
+        model = quantize(model, named, groups, quantization, strategy, cast, place, parallelize)
+    elif parallelize is None:
         build.assign(model, named, groups)
     else:  # each rank fills its own shards, on the mesh's device
         from wmtp.shard import fill_shards
@@ -247,7 +253,6 @@ def read_all(
 ) -> Iterator[tuple[str, Metadata | str]]:
     """Each path's metadata, or why it cannot be read (each failure its own reason), in order
     as soon as known. All are read at once; a caller may stop at its answer."""
-
     if isinstance(paths, str | os.PathLike):  # its characters are no candidates
         raise OptionError(f"paths takes a list of folders or URLs, not one: [{paths!r}]")
 

@@ -68,7 +68,8 @@ def save(
 
     Raises:
         MetadataError: the model has no `config`, or no Auto class builds it.
-        OptionError: `tokenizer` has no `save_pretrained`, or a storage option is invalid.
+        OptionError: `tokenizer` has no `save_pretrained`, a storage option is invalid, or
+            the model was loaded quantised (bitsandbytes' weights give no exact checkpoint).
         FetchError: an upload failed (after the retries); it names the file's URL and cause.
         StoreAccessError: the store refused the credentials.
         ModelFileError: the store has no such bucket (container).
@@ -80,6 +81,12 @@ def save(
     """
     from safetensors.torch import save_model
 
+    from wmtp.quant import quantized
+
+    if names := quantized(model):
+        from wmtp.hints import quantized_save
+
+        raise quantized_save(type(model).__name__, names)
     location = os.fspath(dest)
     if (root := local_root(location)) is None:
         store = open_store(location, storage_options)  # a bad URL or option fails before work
