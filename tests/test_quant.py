@@ -95,14 +95,16 @@ def quant_state(param: torch.Tensor) -> dict[str, Any]:
     return {}
 
 
-def assert_same(mine: torch.nn.Module, theirs: torch.nn.Module) -> None:
+def assert_same(mine: torch.nn.Module, theirs: torch.nn.Module, apart: str = "") -> None:
     """The same module classes, and every parameter and buffer bit for bit: data, type, dtype,
-    quantisation state."""
-    kinds = {name: type(m).__name__ for name, m in mine.named_modules()}
-    assert kinds == {name: type(m).__name__ for name, m in theirs.named_modules()}
+    quantisation state; all but module `apart`, when given."""
+    kinds = {name: type(m).__name__ for name, m in mine.named_modules() if name != apart}
+    assert kinds == {name: type(m).__name__ for name, m in theirs.named_modules() if name != apart}
     params, others = dict(mine.named_parameters()), dict(theirs.named_parameters())
     assert params.keys() == others.keys()
     for name, param in params.items():
+        if apart and name.startswith(f"{apart}."):
+            continue
         other = others[name]
         assert type(param) is type(other), name
         assert param.dtype == other.dtype and param.shape == other.shape, name
@@ -135,6 +137,24 @@ def test_weights_and_logits_are_from_pretrained_s(
     layers = {"gpt2": 2 * 4, "llama": 2 * 7}[name]  # attention and MLP of each block
     assert sum(isinstance(m, kind) for m in mine.modules()) == layers
     assert torch.equal(logits(mine), logits(theirs))
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_a_sequence_classifier_is_from_pretrained_s(
+    models: dict[str, Path], quantization: str
+) -> None:
+    folder = models["distilbert_reward"]  # DistilBertForSequenceClassification, 32 wide
+    auto = transformers.AutoModelForSequenceClassification
+    theirs = auto.from_pretrained(
+        folder, quantization_config=bnb_config(quantization), device_map="cpu"
+    )
+    mine, full = loaded(folder, quantization=quantization), loaded(folder)
+    # transformers means to keep the last layer, but names a last bias "classifier.bias", which
+    # is no module: from_pretrained quantises the reward head; wmtp keeps it
+    assert isinstance(theirs.classifier, bnb.nn.Linear8bitLt | bnb.nn.Linear4bit)
+    assert type(mine.classifier) is torch.nn.Linear
+    assert torch.equal(mine.classifier.weight, full.classifier.weight)
+    assert_same(mine, theirs, apart="classifier")
 
 
 def test_llama_quantises_its_seven_linear_layers_per_block(wide: dict[str, Path]) -> None:

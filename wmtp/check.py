@@ -82,7 +82,9 @@ def check(
         model = plan_from_headers(location, unchecked, trust_code, options, cast, config_overrides)
     except WmtpError as e:
         problems.extend(e.problems or [str(e)])
-    if quantization is not None:
+    tensors = len(model.state_dict()) if model is not None else 0
+    name = type(model).__name__ if model is not None else None
+    if quantization is not None:  # after the count: bitsandbytes' layers add state entries
         try:
             quantized = _quantization(model, meta, quantization, cast)
         except WmtpError as e:
@@ -94,8 +96,6 @@ def check(
             load_tokenizer(location, **options)
         except WmtpError as e:  # a size or hash problem may be listed from the manifest already
             problems.extend(p for p in e.problems or [str(e)] if p not in problems)
-    tensors = len(model.state_dict()) if model is not None else 0
-    name = type(model).__name__ if model is not None else None
     seconds = round(time.perf_counter() - start, 3)
     return CheckReport(location, tuple(problems), name, tensors, seconds, quantized)
 

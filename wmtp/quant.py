@@ -52,25 +52,32 @@ def full_precision(model: torch.nn.Module, strategy: LoadingStrategy) -> list[st
     """The names of the modules that stay in full precision, as patterns of transformers'
     `should_convert_module`: what transformers skips for each of its models inside `model`
     (`get_keys_to_not_convert`: output embeddings, tied weights, the last layer, and the
-    class's `_keep_in_fp32_modules`); for a model of the folder's own module, also anything
-    tied, its last layer and every linear layer onto the vocabulary (the future-token heads);
-    and `loading_strategy.keep_full_precision` (`MetadataError` for a name matching nothing)."""
+    class's `_keep_in_fp32_modules`), the last layer also when its last parameter is a bias;
+    for a model of the folder's own module, also anything tied, its last layer and every
+    linear layer onto the vocabulary (the future-token heads); and the names in
+    `loading_strategy.keep_full_precision` (`MetadataError` for a name matching nothing)."""
     import torch
     from transformers import PreTrainedModel
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    kept: list[str] = []
+    kept: list[str] = []  # transformers' patterns, as it passes them
+    exact: list[str] = []  # module names, matched whole
+    outer: list[str] = []  # transformers models not inside another: what from_pretrained sees
     for prefix, module in model.named_modules():
         if isinstance(module, PreTrainedModel):
+            if any(o == "" or prefix.startswith(f"{o}.") for o in outer):
+                continue
+            outer.append(prefix)
             own = [*get_keys_to_not_convert(module), *(module._keep_in_fp32_modules or ())]
             kept += [f"{prefix}.{name}" if prefix else name for name in own]
+            exact.append(".".join(filter(None, (prefix, last_layer(module)))))
     if not isinstance(model, PreTrainedModel):
         state = model.state_dict(keep_vars=True)
         uses = Counter(id(tensor) for tensor in state.values())
-        tied = [name for name, tensor in state.items() if uses[id(tensor)] > 1]
-        kept += [name.rpartition(".")[0] for name in [*tied, next(reversed(state), "")]]
+        exact += [name.rpartition(".")[0] for name, t in state.items() if uses[id(t)] > 1]
+        exact.append(last_layer(model))
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        kept += [
+        exact += [
             name
             for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and module.out_features == vocab
@@ -80,7 +87,16 @@ def full_precision(model: torch.nn.Module, strategy: LoadingStrategy) -> list[st
         from wmtp.hints import unmatched_modules
 
         raise unmatched_modules(unmatched, names)
-    return sorted({*kept, *strategy.keep_full_precision} - {""})
+    anchored = {f"{re.escape(name)}$" for name in exact if name}  # never "pre_" + a name
+    return sorted({*kept, *anchored, *strategy.keep_full_precision})
+
+
+def last_layer(module: torch.nn.Module) -> str:
+    """The name of the module that holds the last parameter of `module` ("" for none): the
+    layer transformers means to keep in full precision (but it takes a last bias, such as a
+    sequence classifier's `classifier.bias`, for a module name, and quantises that layer)."""
+    names = [name for name, _ in module.named_parameters()]
+    return names[-1].rpartition(".")[0] if names else ""
 
 
 def matcher(pattern: str) -> Callable[[str], bool]:
@@ -170,9 +186,8 @@ def quantize(
                 module.support_avx512bf16_for_cpu = False
         else:
             kwargs = {k: v for k, v in old.__dict__.items() if k != "SCB"}
-            module.weight = bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **kwargs).to(
-                where
-            )
+            param = bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **kwargs)
+            module.weight = param.to(where)
         done.add(f"{name}.weight")
     rest = [group for group in groups if group[0] not in done]
     assign(model, {name: read(name) for group in rest for name in group if name in tensors}, rest)
@@ -190,8 +205,8 @@ def mark(model: torch.nn.Module, bnb_config: Any) -> None:
 
     bits = "is_loaded_in_8bit" if bnb_config.load_in_8bit else "is_loaded_in_4bit"
     for module in [model, *(m for m in model.modules() if isinstance(m, PreTrainedModel))]:
-        for name, value in (("is_quantized", True), (bits, True)):
-            setattr(module, name, value)
+        setattr(module, "is_quantized", True)  # noqa: B010 (mypy takes Module attributes for tensors)
+        setattr(module, bits, True)
         module.quantization_method = bnb_config.quant_method
         if (found := getattr(module, "config", None)) is not None:
             found.quantization_config = bnb_config
