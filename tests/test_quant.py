@@ -173,6 +173,26 @@ def test_a_cast_and_4bit_compute_dtype_are_from_pretrained_s(wide: dict[str, Pat
     assert torch.equal(logits(mine), logits(theirs))
 
 
+def test_a_cast_happens_per_tensor_as_each_is_quantised(
+    wide: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = sys.modules["wmtp.load"]
+    casts: list[Any] = []
+
+    def spy(*args: Any) -> Any:
+        casts.append(args[2:])
+        return read(*args)
+
+    read = module.read_tensors
+    monkeypatch.setattr(module, "read_tensors", spy)
+    model = loaded(wide["gpt2"], quantization="int8", dtype="bf16")
+    assert casts == [(None,)]  # mapped, not cast all at once: never the whole model in bf16
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    assert model.transformer.h[0].attn.c_attn.bias.dtype == torch.bfloat16
+    loaded(wide["gpt2"], dtype="bf16")
+    assert casts[-1] == (torch.bfloat16,)  # a plain load casts as it reads
+
+
 def test_fp4_is_from_pretrained_s(wide: dict[str, Path]) -> None:
     mine, theirs = loaded(wide["gpt2"], quantization="fp4"), peer(wide["gpt2"], "fp4")
     assert_same(mine, theirs)
