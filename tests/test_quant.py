@@ -210,6 +210,16 @@ def test_tied_head_and_embedding_stay_in_full_precision_and_stay_tied(
     assert model.is_loaded_in_8bit and model.config.quantization_config.load_in_8bit
 
 
+def test_the_model_carries_what_from_pretrained_sets(wide: dict[str, Path]) -> None:
+    mine, theirs = loaded(wide["gpt2"], quantization="nf4", device="cpu"), peer(wide["gpt2"], "nf4")
+    for name in ("is_quantized", "is_loaded_in_4bit", "quantization_method"):
+        assert getattr(mine, name) == getattr(theirs, name), name
+    assert mine.config.quantization_config.to_dict() == theirs.config.quantization_config.to_dict()
+    with pytest.raises(ValueError, match="not supported for quantized model"):
+        mine.half()  # transformers' own guard
+    assert torch.equal(logits(mine), logits(theirs))  # device="cpu" moved nothing it should not
+
+
 @pytest.mark.parametrize(("quantization", "atol"), [("int8", 0.03), ("nf4", 0.4), ("fp4", 0.6)])
 def test_the_example_mtp_model_quantised_runs_close_to_full_precision(
     quantization: str, atol: float
