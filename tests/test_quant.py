@@ -267,7 +267,7 @@ def test_keep_full_precision_names_modules_that_stay(wide: dict[str, Path], copy
 @pytest.mark.parametrize(
     ("names", "words"),
     [
-        (["transformer.h.0.mpl"], "names no module of the model: 'transformer.h.0.mpl' (closest:"),
+        (["transformer.h.0.mpl"], "no module of GPT2LMHeadModel: 'transformer.h.0.mpl' (closest:"),
         (["h.0.mlp["], "is no valid pattern"),
     ],
 )

@@ -209,12 +209,12 @@ def quantized_parallel(name: str) -> OptionError:
     )
 
 
-def unmatched_modules(names: Sequence[str], modules: Sequence[str]) -> MetadataError:
+def unmatched_modules(names: Sequence[str], modules: Sequence[str], model: str) -> MetadataError:
     """The error for `keep_full_precision` names that match no module of the model."""
     close = {n: difflib.get_close_matches(n, modules, n=3) for n in names}
     hints = [f"{n!r} (closest: {', '.join(c) or 'none'})" for n, c in close.items()]
     return MetadataError(
-        f"`$.loading_strategy.keep_full_precision` names no module of the model: "
+        f"`$.loading_strategy.keep_full_precision` names no module of {model}: "
         f"{'; '.join(hints)}; give module names such as 'lm_head' or 'model.layers.0.mlp'"
     )
 

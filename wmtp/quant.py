@@ -86,7 +86,7 @@ def full_precision(model: torch.nn.Module, strategy: LoadingStrategy) -> list[st
     if unmatched := [k for k in strategy.keep_full_precision if not any(map(matcher(k), names))]:
         from wmtp.hints import unmatched_modules
 
-        raise unmatched_modules(unmatched, names)
+        raise unmatched_modules(unmatched, names, type(model).__name__)
     anchored = {f"{re.escape(name)}$" for name in exact if name}  # never "pre_" + a name
     return sorted({*kept, *anchored, *strategy.keep_full_precision})
 
