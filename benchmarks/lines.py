@@ -118,7 +118,10 @@ def markdown(core: Sequence[LineCount], others: Sequence[LineCount]) -> str:
         *core,
         total(f"**loading core** (limit {CORE_LIMIT}, aim ~{CORE_AIM})", core),
         *on_demand,
-        total("**imported by load when needed** (remote, failing load, parallelize)", on_demand),
+        total(
+            "**imported by load when needed** (remote, failing load, parallelize, quantization)",
+            on_demand,
+        ),
         total("**everything load and resolve can import**", [*core, *on_demand]),
         *training,
         total("**a training run's helpers** (roles, tokenizer, checkpoints)", training),

@@ -28,7 +28,7 @@ def test_load_json_with_dtype(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["class"] == "DistilGPT2MTP"
     assert result["dtype"] == ["bfloat16"]
     assert result["weight_bytes"] == 60288 * 2
-    assert set(result["phases"]) == {"fetch", "map", "import", "build", "assign"}
+    assert set(result["phases"]) == {"fetch", "import", "build", "assign"}
 
 
 def test_problem_exits_1_with_message(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

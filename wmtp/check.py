@@ -25,7 +25,7 @@ from wmtp.store import check_size, fetch, heads, open_store, read_metadata
 from wmtp.weights import Header, checkpoint_names, read_header
 
 
-class CheckReport(msgspec.Struct, frozen=True):
+class CheckReport(msgspec.Struct, frozen=True, omit_defaults=True):
     """What `check` found: no problems means `load` would succeed."""
 
     location: str
@@ -33,6 +33,7 @@ class CheckReport(msgspec.Struct, frozen=True):
     model_class: str | None  # the class built on the meta device, when it got that far
     model_tensors: int  # the model's parameters and buffers compared with the checkpoint
     seconds: float
+    quantization: str | None = None  # with `quantization`: bitsandbytes' version, the layers
 
 
 def check(
@@ -44,6 +45,7 @@ def check(
     cache_dir: str | None = None,
     dtype: Any = None,
     config_overrides: Mapping[str, Any] | None = None,
+    quantization: str | None = None,
 ) -> CheckReport:
     """What `load` would say, without reading a weight byte: every problem it meets.
 
@@ -61,6 +63,8 @@ def check(
             ones into the cache).
         cache_dir: where remote files go.
         dtype, config_overrides: as for `wmtp.load` (a cast makes mixed float types fit).
+        quantization: as for `wmtp.load`: the name, that bitsandbytes imports, and the layers
+            it would quantise (`keep_full_precision` names that match no module are problems).
 
     Example:
         >>> check("models/distilgpt2-mtp").problems
@@ -69,6 +73,7 @@ def check(
     start, problems, model, location = time.perf_counter(), [], None, os.fspath(location)
     options: dict[str, Any] = {"storage_options": storage_options, "cache_dir": cache_dir}
     meta: Metadata | None = None
+    cast, quantized = None, None
     try:
         meta = read_metadata(location, storage_options=storage_options)
         problems += _manifest_problems(location, meta.files or {}, verify_hashes, options)
@@ -77,6 +82,13 @@ def check(
         model = plan_from_headers(location, unchecked, trust_code, options, cast, config_overrides)
     except WmtpError as e:
         problems.extend(e.problems or [str(e)])
+    tensors = len(model.state_dict()) if model is not None else 0
+    name = type(model).__name__ if model is not None else None
+    if quantization is not None:  # after the count: bitsandbytes' layers add state entries
+        try:
+            quantized = _quantization(model, meta, quantization, cast)
+        except WmtpError as e:
+            problems.append(str(e))
     if meta is not None and meta.loading_strategy.tokenizer_files:
         from wmtp.tokenizer import load_tokenizer
 
@@ -84,10 +96,31 @@ def check(
             load_tokenizer(location, **options)
         except WmtpError as e:  # a size or hash problem may be listed from the manifest already
             problems.extend(p for p in e.problems or [str(e)] if p not in problems)
-    tensors = len(model.state_dict()) if model is not None else 0
-    name = type(model).__name__ if model is not None else None
-    return CheckReport(
-        location, tuple(problems), name, tensors, round(time.perf_counter() - start, 3)
+    seconds = round(time.perf_counter() - start, 3)
+    return CheckReport(location, tuple(problems), name, tensors, seconds, quantized)
+
+
+def _quantization(model: Any, meta: Metadata | None, quantization: str, cast: Any) -> str:
+    """What `load(quantization=)` would do to `model` (built empty; None when it could not
+    be): bitsandbytes' version, and the linear layers quantised and kept; else the error."""
+    from importlib.metadata import version
+
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from wmtp.quant import config, prepare, quantized
+
+    if model is None or meta is None:
+        config(quantization, cast)  # the name, and that bitsandbytes imports
+        return f"{quantization} with bitsandbytes {version('bitsandbytes')}"
+    modules = model.named_modules()  # the layers transformers' replace_with_bnb_linear takes
+    linear = {n for n, m in modules if type(m) is torch.nn.Linear or isinstance(m, Conv1D)}
+    prepare(model, quantization, meta.loading_strategy, cast)
+    layers = {name.removesuffix(".weight") for name in quantized(model)}
+    kept = ", ".join(sorted(linear - layers)) or "none"
+    return (
+        f"{quantization} with bitsandbytes {version('bitsandbytes')}: {len(layers)} linear "
+        f"layers quantised; kept in full precision: {kept}"
     )
 
 

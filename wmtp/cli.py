@@ -67,6 +67,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     _trust(p)
     p.add_argument("--dtype", help="cast floating weights, e.g. bf16, fp16, fp32")
     p.add_argument(
+        "--quantize",
+        metavar="KIND",
+        help="quantise the linear layers with bitsandbytes: int8, nf4 or fp4 "
+        '(pip install "wmtp[quant]")',
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -111,6 +117,7 @@ def _load(args: argparse.Namespace) -> Result:
         cache_dir=args.cache_dir,
         verify=args.verify,
         config_overrides=_overrides(args),
+        quantization=args.quantize,
         timings=timings,
     )
     seconds = time.perf_counter() - start
@@ -128,6 +135,7 @@ def _load(args: argparse.Namespace) -> Result:
         "seconds": round(seconds, 4),
         "phases": {name: round(s, 4) for name, s in timings.items()},
         "torch": torch.__version__,
+        **({"quantization": args.quantize} if args.quantize else {}),
     }, False
 
 
@@ -190,6 +198,7 @@ def _check(args: argparse.Namespace) -> Result:
         cache_dir=args.cache_dir,
         dtype=args.dtype,
         config_overrides=_overrides(args),
+        quantization=args.quantize,
     )
     return _plain(report), bool(report.problems)
 

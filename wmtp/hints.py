@@ -264,3 +264,57 @@ def no_checkpoint(required: Sequence[str]) -> str:
         f"`required_files` lists no safetensors checkpoint{why}; save the weights as "
         "model.safetensors and list it"
     )
+
+
+def unknown_quantization(name: object, valid: Sequence[str]) -> OptionError:
+    """The error for a `quantization=` that bitsandbytes does not offer here."""
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return OptionError(
+        f"unknown quantization {name!r}; use one of {', '.join(map(repr, valid))} (int8: "
+        f"LLM.int8(); nf4, fp4: 4-bit), or None for full precision{hint}"
+    )
+
+
+def no_quant_package(name: str, error: ImportError) -> OptionError:
+    """The error for a quantisation asked for without bitsandbytes installed."""
+    return OptionError(
+        f"quantization={name!r} needs bitsandbytes, which does not import ({error}); "
+        'install it with pip install "wmtp[quant]"'
+    )
+
+
+def quantized_parallel(name: str) -> OptionError:
+    """The error for `parallelize` together with a quantisation."""
+    return OptionError(
+        f"quantization={name!r} and parallelize cannot be combined: bitsandbytes' layers are "
+        "not sharded by FSDP2 or tensor parallelism here; load a quantised model whole on each "
+        "rank (quantization= alone), or shard it in full precision (parallelize= alone)"
+    )
+
+
+def unmatched_modules(names: Sequence[str], modules: Sequence[str], model: str) -> MetadataError:
+    """The error for `keep_full_precision` names that match no module of the model."""
+    close = {n: difflib.get_close_matches(n, modules, n=3) for n in names}
+    hints = [f"{n!r} (closest: {', '.join(c) or 'none'})" for n, c in close.items()]
+    return MetadataError(
+        f"`$.loading_strategy.keep_full_precision` names no module of {model}: "
+        f"{'; '.join(hints)}; give module names such as 'lm_head' or 'model.layers.0.mlp'"
+    )
+
+
+def bad_module_pattern(pattern: str, error: Exception) -> MetadataError:
+    """The error for a `keep_full_precision` name that is no valid regular expression."""
+    return MetadataError(
+        f"`$.loading_strategy.keep_full_precision` {pattern!r} is no valid pattern ({error}); "
+        "give a module name, with regular-expression characters escaped"
+    )
+
+
+def quantized_save(model: str, names: Sequence[str]) -> OptionError:
+    """The error for saving a model whose weights bitsandbytes quantised."""
+    return OptionError(
+        f"{model} was loaded quantised ({len(names)} bitsandbytes weights, e.g. {names[0]!r}): "
+        "wmtp.save writes full-precision checkpoints only, and the quantised weights cannot "
+        "give them back exactly; save the model loaded without quantization="
+    )

@@ -33,10 +33,9 @@ def custom_class(location: str, strategy: CustomMTP, files: Files, config: Any) 
     from torch.nn import Module
 
     module = build.import_module_file(files[strategy.custom_module_file])
-    found = getattr(module, name := strategy.model_class_name, None)
-    own = getattr(found, "__module__", None) == module.__name__  # defined there, not imported
-    if own and isinstance(found, type) and issubclass(found, Module):
-        return ModelClass(name, found)
+    cls = getattr(module, name := strategy.model_class_name, None)  # defined there, not imported
+    if isinstance(cls, type) and issubclass(cls, Module) and cls.__module__ == module.__name__:
+        return ModelClass(name, cls)
     from wmtp.explain import missing_class
 
     return missing_class(location, strategy, module)
@@ -155,6 +154,7 @@ def load(
     verify: bool = False,
     config_overrides: Mapping[str, Any] | None = None,
     parallelize: Callable[[torch.nn.Module], Any] | None = None,
+    quantization: str | None = None,
     timings: dict[str, float] | None = None,
 ) -> torch.nn.Module:
     """Load the model at `location` exactly as its `metadata.json` says, in eval mode. Keys,
@@ -172,7 +172,8 @@ def load(
         config_overrides: config settings to change before the model is built, e.g.
             `{"output_hidden_states": True}`; a setting the config lacks is an `OptionError`.
         parallelize: shards the model built empty (FSDP2, TP); ranks fill their own shards.
-        timings: a dict to fill with seconds per phase: fetch, map, import, build, assign.
+        quantization: "int8", "nf4" or "fp4": bitsandbytes' layers, quantised as read.
+        timings: a dict to fill with seconds per phase: fetch, import, build, assign.
 
     Raises:
         MetadataError: bad metadata, class (missing, failing to build) or safetensors file;
@@ -183,7 +184,7 @@ def load(
         >>> type(wmtp.load("examples/tiny-mtp", dtype="bf16")).__name__
         'DistilGPT2MTP'
     """
-    marks = [time.perf_counter()]  # and the end of each phase: fetch, map, import, build, assign
+    marks = [time.perf_counter()]  # and the end of each phase: fetch, import, build, assign
     meta = read_metadata(location := os.fspath(location), storage_options=storage_options)
     cast, place, strategy = parse_dtype(dtype), parse_device(device), meta.loading_strategy
     trusted(location, meta, trust_code)
@@ -193,14 +194,17 @@ def load(
     names = checkpoint_names(strategy.required_files, files)
     files |= fetch(location, [n for n in names if n not in files], **options)
     prefetch([files[n] for n in names])
-    marks.append(time.perf_counter())
     headers = {n: read_header(files[n], join(location, n)) for n in names}
     marks.append(time.perf_counter())
     model, groups, keys = plan(location, meta, files, headers, cast, config_overrides, marks.append)
     marks.append(time.perf_counter())
-    tensors = read_tensors([(files[n], headers[n]) for n in names], None if parallelize else cast)
+    tensors = read_tensors(files, headers, None if parallelize or quantization else cast)
     named = {key: tensors[name] for key, name in keys.items()}
-    if parallelize is None:
+    if quantization is not None:  # bitsandbytes' layers, each weight quantised on `place`
+        from wmtp.quant import quantize
+
+        model = quantize(model, named, groups, quantization, strategy, cast, place, parallelize)
+    elif parallelize is None:
         build.assign(model, named, groups)
     else:  # each rank fills (and casts) its own shards, on the mesh's device
         from wmtp.shard import fill_shards
@@ -208,7 +212,7 @@ def load(
         model = fill_shards(model, named, groups, parallelize, place, cast)
     marks.append(time.perf_counter())
     if timings is not None:
-        phases = ("fetch", "map", "import", "build", "assign")
+        phases = ("fetch", "import", "build", "assign")
         timings |= zip(phases, (b - a for a, b in pairwise(marks)), strict=True)
     return model.eval() if place is None else model.eval().to(place)
 
@@ -247,7 +251,6 @@ def read_all(
 ) -> Iterator[tuple[str, Metadata | str]]:
     """Each path's metadata, or why it cannot be read (each failure its own reason), in order
     as soon as known. All are read at once; a caller may stop at its answer."""
-
     if isinstance(paths, str | os.PathLike):  # its characters are no candidates
         raise OptionError(f"paths takes a list of folders or URLs, not one: [{paths!r}]")
 

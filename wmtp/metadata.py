@@ -42,6 +42,7 @@ class Strategy(Strict, frozen=True, kw_only=True, tag_field="loader_type"):
     state_dict_mapping: StateDictMapping = StateDictMapping()
     required_files: tuple[RelPath, ...]
     tokenizer_files: tuple[RelPath, ...] = ()  # beside the model, for `wmtp.load_tokenizer`
+    keep_full_precision: tuple[Name, ...] = ()  # modules `load(quantization=)` leaves as they are
 
     def __post_init__(self) -> None:
         if twice := sorted({f for f in self.required_files if self.required_files.count(f) > 1}):
@@ -102,9 +103,6 @@ class Metadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     source_path: str | None = None
 
 
-_decode: Final = msgspec.json.Decoder(Metadata).decode
-
-
 def decode_metadata(data: bytes, *, source: str) -> Metadata:
     """Decode and validate the bytes of a `metadata.json` that came from `source`.
 
@@ -117,7 +115,7 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
         Metadata(wmtp_type='base_model', ...)
     """
     try:
-        return _decode(data)
+        return msgspec.json.decode(data, type=Metadata)
     except msgspec.MsgspecError as e:
         from wmtp.hints import metadata_error
 
@@ -125,8 +123,7 @@ def decode_metadata(data: bytes, *, source: str) -> Metadata:
 
 
 def serves(meta: Metadata | str, algo: str, role: str | None) -> bool:
-    """Whether a candidate's metadata (a str: why it could not be read) lists `algo` and has
-    `wmtp_type` `role` (any, when None); `wmtp.explain.why_not` says why not."""
+    """Whether `meta` (a str: why it is unreadable) lists `algo` and is `role` (any, if None)."""
     if isinstance(meta, str):
         return False
     return algo in meta.algorithm_compatibility and role in (None, meta.wmtp_type)

@@ -139,7 +139,7 @@ def load_roles(
         return model if role == "base_model" else model.requires_grad_(False)
 
     def checked(role: str) -> Any:
-        wanted = ("storage_options", "trust_code", "cache_dir", "dtype", "config_overrides")
+        wanted = inspect.signature(check).parameters  # the options a dry run takes too
         return check(chosen[role], **{k: v for k, v in by_role[role].items() if k in wanted})
 
     with ThreadPoolExecutor(len(chosen)) as pool:

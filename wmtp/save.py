@@ -85,7 +85,7 @@ def save(
             `algorithm_compatibility`); an empty destination, or one that is a file or cannot
             be written; tensors on the meta device; a custom class defined in no .py file;
             `tokenizer` without `save_pretrained`; an invalid storage option or
-            `max_shard_size`.
+            `max_shard_size`; a model loaded quantised (no exact checkpoint to write).
         FetchError: an upload failed (after the retries); it names the file's URL and cause.
         StoreAccessError: the store refused the credentials.
         ModelFileError: the store has no such bucket (container).
@@ -99,7 +99,12 @@ def save(
     """
     args = dict(locals())  # the arguments, for every rank's part of a collective save
     from wmtp.gather import original_class, save_collective, weight_names, write_weights
+    from wmtp.quant import quantized
 
+    if names := quantized(model):
+        from wmtp.hints import quantized_save
+
+        raise quantized_save(type(model).__name__, names)
     location = _destination(dest)
     _check_fields(
         wmtp_type=wmtp_type,

@@ -93,18 +93,18 @@ def prefetch(paths: Sequence[Path]) -> None:
 
 
 def read_tensors(
-    files: Sequence[tuple[Path, Header]], dtype: torch.dtype | None = None
+    files: Mapping[str, Path], headers: Mapping[str, Header], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the local safetensors `files`, each a view of a private memory map;
-    with `dtype`, floating tensors cast one at a time, each releasing its mapped pages."""
+    """Every tensor of the files `headers` describes (local paths in `files`), each a view of a
+    private memory map; with `dtype`, floating ones cast one at a time, releasing their pages."""
     import torch
 
     out: dict[str, torch.Tensor] = {}
-    for path, header in files:
-        with path.open("rb") as f:
+    for name, header in headers.items():
+        with files[name].open("rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         if len(mapped) != header.size:
-            raise MetadataError(f"{path} changed while it was being loaded; load it again")
+            raise MetadataError(f"{files[name]} changed while it was being loaded; load it again")
         for key, info in header.tensors.items():
             start, end = (header.start + offset for offset in info.data_offsets)
             kind, page = getattr(torch, DTYPES[info.dtype]), mmap.PAGESIZE
