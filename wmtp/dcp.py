@@ -30,14 +30,8 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata as DcpMetadata
 
 MARKER: Final = "checkpoint.json"
-
-
 DCP_METADATA: Final = ".metadata"
-
-
 VERSION: Final = 1
-
-
 NO_GROUP: Final = "torch.distributed is disabled"  # DCP's warning: one process is a use here
 
 
@@ -136,8 +130,6 @@ def fetch_files(
 _SAFE_MODULES: Final = tuple(
     f"torch.distributed.checkpoint.{m}" for m in ("metadata", "filesystem", "planner")
 )
-
-
 _SAFE_NAMES: Final = {("torch", "Size"), ("torch.serialization", "_get_layout"),
                       ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
                       ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
