@@ -932,19 +932,13 @@ def api_resolve_one(algo: str, path: Any) -> Answer:
 
 
 def api_parallelize(location: str, folder: str, how: str) -> Answer:
-    import torch
-
     import wmtp
 
-    def adds(model: torch.nn.Module) -> None:
-        model.register_buffer("steps", torch.zeros(1))
-
-    def removes(model: torch.nn.Module) -> None:
-        blocks = model.get_submodule("transformer.h")
-        assert isinstance(blocks, torch.nn.ModuleList)
-        del blocks[1]
-
-    functions = {"adds": adds, "removes": removes, "nothing": lambda model: None}
+    functions = {
+        "adds": builders.parallelize_adding_a_buffer,
+        "removes": builders.parallelize_removing_a_block,
+        "nothing": lambda model: None,
+    }
     model = wmtp.load(location, parallelize=functions[how])
     return 0, "", differs(model, Path(folder))
 

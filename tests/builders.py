@@ -225,3 +225,15 @@ def set_manifest(folder: Path, name: str, **entry: Any) -> None:
     data = json.loads(path.read_text())
     data["files"][name].update(entry)
     path.write_text(json.dumps(data, indent=2))
+
+
+def parallelize_adding_a_buffer(model: torch.nn.Module) -> None:
+    """A `parallelize` that does what it may not: register a buffer the checkpoint lacks."""
+    model.register_buffer("steps", torch.zeros(1))
+
+
+def parallelize_removing_a_block(model: torch.nn.Module) -> None:
+    """A `parallelize` that does what it may not: delete GPT-2's second block."""
+    blocks = model.get_submodule("transformer.h")
+    assert isinstance(blocks, torch.nn.ModuleList)
+    del blocks[1]

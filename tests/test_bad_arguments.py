@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 
 import wmtp
+from tests import builders
 from tests.conftest import Copy
 from wmtp.check import check
 
 
 def _edit(folder: Path, **strategy: Any) -> Path:
-    meta = json.loads((folder / "metadata.json").read_text())
-    meta["loading_strategy"].update(strategy)
+    """`builders.edit_metadata`, the manifest dropped: the read itself must fail, not a check."""
+    meta = json.loads((builders.edit_metadata(folder, **strategy) / "metadata.json").read_text())
     meta.pop("files", None)
     (folder / "metadata.json").write_text(json.dumps(meta))
     return folder

@@ -182,18 +182,10 @@ def test_a_parameter_parallelize_adds_is_refused(models: dict[str, Path]) -> Non
 def test_a_buffer_parallelize_adds_or_a_module_it_removes_is_named(
     models: dict[str, Path],
 ) -> None:
-    def adds(model: torch.nn.Module) -> None:
-        model.register_buffer("steps", torch.zeros(1))
-
-    def removes(model: torch.nn.Module) -> None:
-        blocks = model.get_submodule("transformer.h")
-        assert isinstance(blocks, torch.nn.ModuleList)
-        del blocks[1]
-
     with pytest.raises(wmtp.MetadataError, match=r"added or removed steps; it may shard"):
-        wmtp.load(str(models["gpt2_reward"]), parallelize=adds)
+        wmtp.load(str(models["gpt2_reward"]), parallelize=builders.parallelize_adding_a_buffer)
     with pytest.raises(wmtp.MetadataError, match=r"added or removed transformer\.h\.1\.attn"):
-        wmtp.load(str(models["gpt2_reward"]), parallelize=removes)
+        wmtp.load(str(models["gpt2_reward"]), parallelize=builders.parallelize_removing_a_block)
 
 
 def test_a_failing_parallelize_is_a_metadata_error(models: dict[str, Path]) -> None:
