@@ -56,6 +56,7 @@ from wmtp.errors import (
     WeightsError,
     WmtpError,
 )  # fmt: skip
+from wmtp.gather import sync_folder
 from wmtp.location import StorageOptions, join, local_root, translate
 from wmtp.store import open_store
 
@@ -434,7 +435,7 @@ def _clear(
             root.mkdir(parents=True, exist_ok=True)
             if (root / MARKER).exists():
                 (root / MARKER).unlink()
-                _sync_folder(root)
+                sync_folder(root)
             for old in root.iterdir():
                 if old.name == DCP_METADATA or old.name.endswith((".distcp", ".tmp")):
                     old.unlink()
@@ -485,22 +486,14 @@ def _finish(
                 obstore.put(store, MARKER, data + b"\n")
         else:
             assert root is not None
-            _sync_folder(root)  # the names of DCP's files, durable before the marker's
+            sync_folder(root)  # the names of DCP's files, durable before the marker's
             tmp = root / f".{MARKER}.{os.getpid()}.tmp"
             with tmp.open("wb") as f:
                 f.write(data + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
             tmp.replace(root / MARKER)
-            _sync_folder(root)
-
-
-def _sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            sync_folder(root)
 
 
 def _mismatch(

@@ -166,6 +166,15 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy().data) if flat.numel() else memoryview(b"")
 
 
+def sync_folder(folder: Path) -> None:
+    """Make the names in `folder` durable (files created, renamed or removed there)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_file(path: Path | None, items: Sequence[Entry], get: Get) -> None:
     """Write `items` into `path` through a temporary name: the header, each tensor as `get`
     gives it, fsync, rename; with None, only ask `get` for each in order. A failure is raised

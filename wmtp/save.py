@@ -248,11 +248,9 @@ def _invalidate(folder: Path) -> None:
         raise FileExistsError(errno.EEXIST, "a file, not a folder", str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metadata.json").unlink(missing_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the removal itself is durable before a new byte is written
-    finally:
-        os.close(fd)
+    from wmtp.gather import sync_folder
+
+    sync_folder(folder)  # the removal itself is durable before a new byte is written
 
 
 def _unwritable(folder: Path, error: Exception) -> OptionError:
