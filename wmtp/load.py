@@ -19,7 +19,7 @@ from wmtp.errors import MetadataError, OptionError, UntrustedCodeError, WmtpErro
 from wmtp.location import StorageOptions, join, local_root
 from wmtp.metadata import CustomMTP, HuggingFace, LoaderType, Metadata, WmtpType, serves
 from wmtp.store import fetch, read_metadata
-from wmtp.weights import DTYPES, Header, checkpoint_names, prefetch, read_header, read_tensors
+from wmtp.weights import DTYPES, Header, checkpoint_names, read_header, read_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -155,6 +155,7 @@ def load(
     config_overrides: Mapping[str, Any] | None = None,
     parallelize: Callable[[torch.nn.Module], Any] | None = None,
     quantization: str | None = None,
+    train: bool = False,
     timings: dict[str, float] | None = None,
 ) -> torch.nn.Module:
     """Load the model at `location` exactly as its `metadata.json` says, in eval mode. Keys,
@@ -173,6 +174,7 @@ def load(
             `{"output_hidden_states": True}`; a setting the config lacks is an `OptionError`.
         parallelize: shards the model built empty (FSDP2, TP); ranks fill their own shards.
         quantization: "int8", "nf4" or "fp4": bitsandbytes' layers, quantised as read.
+        train: in train mode, CPU weights copied private now, not at the first step (pages).
         timings: a dict to fill with seconds per phase: fetch, import, build, assign.
 
     Raises:
@@ -193,7 +195,6 @@ def load(
     files = fetch(location, strategy.required_files, **options)
     names = checkpoint_names(strategy.required_files, files)
     files |= fetch(location, [n for n in names if n not in files], **options)
-    prefetch([files[n] for n in names])
     headers = {n: read_header(files[n], join(location, n)) for n in names}
     marks.append(time.perf_counter())
     model, groups, keys = plan(location, meta, files, headers, cast, config_overrides, marks.append)
@@ -214,7 +215,12 @@ def load(
     if timings is not None:
         phases = ("fetch", "import", "build", "assign")
         timings |= zip(phases, (b - a for a, b in pairwise(marks)), strict=True)
-    return model.eval() if place is None else model.eval().to(place)
+    model = model.train(train) if place is None else model.train(train).to(place)
+    if train:  # an optimizer will write the weights: copy the mapped pages now, in bulk
+        from wmtp.pages import populate
+
+        populate(model.parameters())
+    return model
 
 
 def resolve(

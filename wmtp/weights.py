@@ -84,14 +84,6 @@ def read_header(path: Path, url: str) -> Header:
     return Header(tensors, 8 + length, size)
 
 
-def prefetch(paths: Sequence[Path]) -> None:
-    """Have the kernel start reading the files now (page cache only): a cold file then arrives
-    while the model is built, in large reads, instead of one page fault at a time."""
-    for path in paths if hasattr(os, "posix_fadvise") else ():  # not on macOS or Windows
-        with path.open("rb") as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
-
-
 def read_tensors(
     files: Mapping[str, Path], headers: Mapping[str, Header], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
