@@ -320,12 +320,22 @@ def _getter(
                 return
             tmp = dest.with_name(f".{dest.name}.{HOST}~{os.getpid()}~{uuid.uuid4().hex}.part")
             try:
-                with tmp.open("xb") as f:
+                with tmp.open("xb+") as f:  # read back to be hashed
                     f.truncate(size)
                     ends = [min(s + PART_SIZE, size) for s in range(0, size, PART_SIZE)]
-                    _wait([parts.submit(part, name, pins, f.fileno(), e) for e in ends])
+                    futures = [parts.submit(part, name, pins, f.fileno(), e) for e in ends]
+                    # Each part is hashed (from the page cache) once it and those before it
+                    # have landed, while the later ones download: the hash adds only its last
+                    # part's time, not a second pass over the whole file after it.
+                    sha = hashlib.sha256()
+
+                    def hashed(i: int) -> None:  # only a file the manifest lists
+                        if name in manifest:
+                            sha.update(os.pread(f.fileno(), *_span(ends, i)))
+
+                    _wait(futures, hashed)
                     os.fsync(f.fileno())
-                check_hash(location, name, manifest, tmp)
+                check_digest(location, name, manifest, sha.hexdigest())
                 tmp.replace(dest)
                 fd = os.open(dest.parent, os.O_RDONLY)  # make the rename itself durable
                 os.fsync(fd)
@@ -338,11 +348,14 @@ def _getter(
 
 def check_hash(location: str, name: str, manifest: Mapping[str, FileEntry], path: Path) -> None:
     """Raise `IntegrityError` when the manifest lists `name` with another SHA-256 than `path`'s."""
-    if (entry := manifest.get(name)) is None:
-        return
-    with path.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    if digest != entry.sha256:
+    if name in manifest:
+        with path.open("rb") as f:
+            check_digest(location, name, manifest, hashlib.file_digest(f, "sha256").hexdigest())
+
+
+def check_digest(location: str, name: str, manifest: Mapping[str, FileEntry], digest: str) -> None:
+    """Raise `IntegrityError` when the manifest lists `name` with another SHA-256 than `digest`."""
+    if (entry := manifest.get(name)) is not None and digest != entry.sha256:
         raise IntegrityError(
             f"{join(location, name)} has sha256 {digest}, but metadata.json's manifest "
             f"(`$.files[{name!r}].sha256`) says {entry.sha256}; the file is corrupt or the "
@@ -363,10 +376,18 @@ def _all(work: Callable[[Any], Any], items: Iterable[Any]) -> None:
         _wait([pool.submit(work, item) for item in items])
 
 
-def _wait(futures: list[Future[Any]]) -> None:
+def _span(ends: list[int], i: int) -> tuple[int, int]:
+    """Length and offset of part `i` of a file cut at `ends`, as `os.pread` takes them."""
+    start = ends[i - 1] if i else 0
+    return ends[i] - start, start
+
+
+def _wait(futures: list[Future[Any]], then: Callable[[int], object] = lambda i: None) -> None:
+    """Each future's result in order, `then(i)` after the i-th; on a failure, cancel the rest."""
     try:
-        for future in futures:
+        for i, future in enumerate(futures):
             future.result()
+            then(i)
     except BaseException:
         for future in futures:
             future.cancel()
