@@ -42,7 +42,9 @@ LABELS: Final = {
 NOTES: Final = """\
 Median of {runs} runs, a fresh torchrun each, methods interleaved (the order rotating). FSDP2:
 `fully_shard` per block, then the root. wall: each rank from just before the load (imports
-done, process group up, a barrier) to a barrier after it. growth: peak private memory
+done, process group up, a barrier) to a barrier after it has read every element of its own
+shards (a map only defers its reads: without them, a lazy load and a copying one would not
+share a clock). growth: peak private memory
 (`RssAnon`, sampled every 5 ms) minus `RssAnon` at the start; mapped file pages are not
 private. After the clock every local shard is compared with the file, and the tie checked."""
 
@@ -117,6 +119,15 @@ METHODS: Final[dict[str, Callable[[Path], torch.nn.Module]]] = {
 }
 
 
+def read_shards(model: torch.nn.Module) -> None:
+    """Read every element of this rank's shards (FSDP2 local shards, or whole tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    for tensor in model.state_dict().values():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        float(local.float().sum())
+
+
 def aliases(folder: Path) -> dict[str, str]:
     """Dropped tied name -> stored name, from the header metadata (`save_model`)."""
     from safetensors import safe_open
@@ -174,6 +185,7 @@ def worker(method: str, folder: Path, out: Path) -> None:
     try:
         t0 = time.perf_counter()
         model = METHODS[method](folder)
+        read_shards(model)  # one clock for all: a map defers its reads, a copy does not
         dist.barrier()
         wall = time.perf_counter() - t0
         done.set()
