@@ -1,10 +1,12 @@
-"""S3 fetch throughput against boto3: `python -m benchmarks.fetch [--size-mib N] [--check]`.
+"""S3 fetch throughput against boto3: `python -m benchmarks.fetch [--quick] [--check]`.
 
 A JuiceFS S3 gateway on 127.0.0.1 (`tests.s3server`) serves a random object. Each round
-times `wmtp.store.fetch` (without and with a manifest entry, which hashes on the way), the old
-loader's boto3 `download_file` and a local copy (the ceiling), the order rotating; every
-download is checked outside the timing. Target: wmtp >= 1.3x boto3; `--check` exits 1 under
-1.3 / 1.2. Writes `results/fetch.json`.
+times `wmtp.store.fetch` (without and with a manifest entry, which hashes the parts as they
+land), the old loader's boto3 `download_file` and a local copy (the ceiling), the order
+rotating; every download is checked outside the timing. Target: the hashed fetch, the path of
+every model `wmtp.save` wrote, >= 1.0x boto3 (which neither hashes nor fsyncs); `--check`
+exits 1 past it by more than the harness' noise margin. `--quick` (CI): 256 MiB, 3 rounds.
+Writes `results/fetch.json` (quick: `results/fetch-quick.json`).
 """
 
 from __future__ import annotations
@@ -41,8 +43,7 @@ from wmtp.store import fetch
 
 NAME: Final = "blob.bin"
 PREFIX: Final = "bench"
-TARGET: Final = 1.3
-MARGIN: Final = 1.2
+TARGET: Final = 1.0  # the hashed fetch against boto3's download
 BOTO3: Final = TransferConfig(multipart_chunksize=25 * MIB, max_concurrency=10)
 
 
@@ -164,20 +165,23 @@ def rows(samples: dict[str, list[Sample]], size_mib: int) -> list[tuple[Any, ...
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print the table, write `results/fetch.json`; the exit status (see above)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fetch", description=__doc__)
-    parser.add_argument("--size-mib", type=int, default=1024, help="object size (1024)")
+    parser.add_argument("--size-mib", type=int, help="object size (1024, quick 256)")
     parser.add_argument("--runs", type=int, default=3, help="timed rounds (3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (1)")
     parser.add_argument("--check", action="store_true", help="exit 1 past the target's limit")
+    parser.add_argument("--quick", action="store_true", help="CI: 256 MiB, and --check")
     args = parser.parse_args(argv)
+    args.size_mib = args.size_mib or (256 if args.quick else 1024)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="wmtp-fetch-bench-") as work:
         samples = measure(args.size_mib, args.runs, args.warmup, Path(work))
     table = rows(samples, args.size_mib)
-    wmtp_vs_boto3 = table[0][3]
-    found = harness.target("-", "wmtp / boto3", wmtp_vs_boto3, TARGET, TARGET / MARGIN)
+    hashed = table[1][3]  # boto3's time over the hashed fetch's
+    what = "hashed wmtp fetch / boto3, throughput"
+    found = harness.target("-", what, hashed, TARGET, at_least=True)
     header = ["method", "median s", "MiB/s", "vs boto3", "vs local copy", "client CPU s"]
     print(harness.table([*header, "gateway CPU s"], table, left=1))
-    print(f"\ntarget wmtp >= {TARGET}x boto3: {found.status} ({harness.fmt(wmtp_vs_boto3)}x)")
+    print(f"\ntarget {what} >= {TARGET}: {found.status} ({harness.fmt(hashed)}x)")
     record = {
         "size_mib": args.size_mib,
         "runs": args.runs,
@@ -188,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": f"{os.cpu_count()} CPUs, boto3 {boto3.__version__}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    harness.progress(f"wrote {harness.write_json(harness.RESULTS / 'fetch.json', record)}")
-    return int(args.check and found.status == "FAIL")
+    name = "fetch-quick.json" if args.quick else "fetch.json"
+    harness.progress(f"wrote {harness.write_json(harness.RESULTS / name, record)}")
+    return int((args.check or args.quick) and found.status in ("FAIL", "not measured"))
 
 
 if __name__ == "__main__":
