@@ -42,6 +42,7 @@ class Target(msgspec.Struct, frozen=True):
     limit: float
     at_least: bool  # the value must be >= goal (else <=)
     status: Status
+    noise: bool = True  # the limit is the goal widened by NOISE (else given: counts, memory)
 
 
 def progress(message: str) -> None:
@@ -101,14 +102,14 @@ def target(
     goal makes it an at-least target too.
     """
     widened = goal / (1 + NOISE) if at_least else goal * (1 + NOISE)
-    limit = widened if limit is None else limit
-    at_least = at_least or limit < goal
+    bound = widened if limit is None else limit
+    at_least = at_least or bound < goal
     sign = -1.0 if at_least else 1.0
     status: Status = "not measured"
     if value is not None:
-        met, within = sign * value <= sign * goal, sign * value <= sign * limit
+        met, within = sign * value <= sign * goal, sign * value <= sign * bound
         status = "pass" if met else "within noise" if within else "FAIL"
-    return Target(model, name, value, goal, limit, at_least, status)
+    return Target(model, name, value, goal, bound, at_least, status, limit is None)
 
 
 def failed(targets: Iterable[Target]) -> list[str]:
