@@ -311,9 +311,10 @@ def read_weights(model: torch.nn.Module) -> None:
 
 
 def forward(model: torch.nn.Module) -> None:
-    """One forward pass on `TOKENS` tokens, without gradients."""
+    """One forward pass on `TOKENS` tokens, without gradients, in eval mode."""
     import torch
 
+    model.eval()  # every method alike: a model built by hand is in train mode (dropout on)
     with torch.no_grad():
         model(input_ids=torch.arange(TOKENS).unsqueeze(0))
 

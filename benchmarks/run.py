@@ -69,14 +69,18 @@ PLANS: Final = (
     Plan("hf", "idiom", TRAIN, BOTH),
 )
 # Quick runs (CI) keep these jobs per family: a first forward cold and warm, a first step
-# warm, and what their targets divide by. E2e jobs run where `--e2e` asks (full: E2E_MODEL).
+# warm, what their targets divide by, and the jobs of the memory targets (with bf16's ratio).
+# E2e jobs run where `--e2e` asks (full runs: on E2E_MODEL).
 QUICK_JOBS: Final = {
     "mtp": frozenset(
         (
             "pread8 cold",
+            "mmap warm",
             *(f"resident {a} warm" for a in TRAIN),
             *(f"{m} forward {c}" for m in ("wmtp", "idiom") for c in BOTH),
             *(f"{m} step warm" for m in ("wmtp", "idiom")),
+            "wmtp read warm",
+            *(f"{m} forward warm" for m in ("wmtp-bf16", "idiom-bf16")),
         )
     ),
     "hf": frozenset(f"{m} {a} warm" for m in ("wmtp", "hf", "idiom") for a in TRAIN),
@@ -127,7 +131,7 @@ NOTES: Final = """\
   process forked from a server that imported torch, transformers (GPT-2), safetensors and wmtp
   before any clock; e2e rows are a fresh `python` timed from spawn, imports included.
 - One clock per sample: the load, then its metric: *read* (every weight summed), *forward*
-  (one forward pass, 16 tokens, no grad) or *step* (a first training step: AdamW made, forward
+  (one forward pass, 16 tokens, eval mode, no grad) or *step* (a first training step: AdamW made, forward
   with labels, backward, `step()`, which writes every weight). *load s*, until the load
   returned, is information only: no target uses it.
 - After the clock every tensor is compared with the files; after a step, whose weights
