@@ -131,9 +131,9 @@ NOTES: Final = """\
   process forked from a server that imported torch, transformers (GPT-2), safetensors and wmtp
   before any clock; e2e rows are a fresh `python` timed from spawn, imports included.
 - One clock per sample: the load, then its metric: *read* (every weight summed), *forward*
-  (one forward pass, 16 tokens, eval mode, no grad) or *step* (a first training step: AdamW made, forward
-  with labels, backward, `step()`, which writes every weight). *load s*, until the load
-  returned, is information only: no target uses it.
+  (one forward pass, 16 tokens, eval mode, no grad) or *step* (a first training step: AdamW
+  made, forward with labels, backward, `step()`, which writes every weight). *load s*, until
+  the load returned, is information only: no target uses it.
 - After the clock every tensor is compared with the files; after a step, whose weights
   changed, its loss is compared with the reference's (resident, else the idiom) bitwise.
 - Warm: the files in the page cache. Cold: evicted just before the clock (`posix_fadvise`
