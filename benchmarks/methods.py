@@ -111,11 +111,11 @@ def floor_pread(folder: Path) -> None:
             os.close(fd)
 
 
-def wmtp_load(folder: Path, dtype: str | None = None) -> torch.nn.Module:
+def wmtp_load(folder: Path, dtype: str | None = None, train: bool = False) -> torch.nn.Module:
     """`wmtp.load` on the folder."""
     import wmtp
 
-    return wmtp.load(str(folder), dtype=dtype)
+    return wmtp.load(str(folder), dtype=dtype, train=train)
 
 
 def build(folder: Path) -> torch.nn.Module:
@@ -228,6 +228,7 @@ METHODS: Final[dict[str, Method]] = {
     "resident": Method(resident, clocked=False),
     "wmtp": Method(wmtp_load),
     "wmtp-bf16": Method(functools.partial(wmtp_load, dtype="bfloat16"), "bfloat16"),
+    "wmtp-train": Method(functools.partial(wmtp_load, train=True)),
     "idiom": Method(idiom),
     "idiom-bf16": Method(idiom_bf16, "bfloat16"),
     "runai": Method(functools.partial(idiom, read=stream_files)),
