@@ -129,7 +129,7 @@ RATIOS: Final = (
 )
 MEMORY_JOBS: Final = ("wmtp read", "wmtp-bf16 forward")  # added RSS <= model + 300 MiB
 NOTES: Final = """\
-- Median of {runs} runs per job, jobs interleaved (the order rotating). Each run is a fresh
+- Median of {runs} runs per job, jobs interleaved (a new order each round). Each run is a fresh
   process forked from a server that imported torch, transformers (GPT-2), safetensors and wmtp
   before any clock; e2e rows are a fresh `python` timed from spawn, imports included.
 - One clock per sample: the load, then its metric: *read* (every weight summed), *forward*
@@ -436,7 +436,7 @@ def measure(
             jobs = plan(model, args.quick, e2e and name == E2E_MODEL)
             warm(Path(model.folder))
             run = {k: functools.partial(run_job, server, model, k, job) for k, job in jobs.items()}
-            samples = harness.interleave(run, runs)
+            samples = harness.interleave(run, runs, shuffle=True)
             rows += [summarise(model, k, job, samples[k]) for k, job in jobs.items()]
     finally:
         assert server.stdin is not None  # opened as a pipe
