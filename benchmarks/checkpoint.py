@@ -498,23 +498,22 @@ def summarise(method: str, world: int, rank: int, samples: Sequence[list[RankSam
 
 def targets(name: str, rows: Sequence[Row], quick: bool) -> list[Target]:
     """2 ranks: wmtp <= 0.6x old (slowest rank), memory <= share + slack; 1 process: wmtp
-    within 1.3x of the floor. Quick runs (tiny files, fixed costs dominate) fail only far off."""
+    within 1.3x of the floor. Times fail past the harness's NOISE margin."""
 
     def worst(method: str, world: int, field: str) -> float | None:
         values = [getattr(r, field) for r in rows if (r.method, r.world) == (method, world)]
         return None if not values or None in values else max(values)
 
-    # Quick runs write ~300 MiB: DCP's fixed costs per tensor weigh more against the floor.
-    loose, floor_loose = (4.0, 8.0) if quick else (2.0, 2.0)
     found = []
     for phase in ("save_s", "resume_s"):
         word = phase.removesuffix("_s")
         value = ratio(worst("wmtp", 2, phase), worst("old", 2, phase))
-        found.append(target(name, f"2 ranks: wmtp / old, {word}", value, 0.6, 0.6 * loose))
+        found.append(target(name, f"2 ranks: wmtp / old, {word}", value, 0.6))
         value = ratio(worst("wmtp", 1, phase), worst("floor", 1, phase))
-        found.append(
-            target(name, f"1 process: wmtp / floor, {word}", value, 1.3, 1.3 * floor_loose)
-        )
+        found.append(target(name, f"1 process: wmtp / floor, {word}", value, 1.3))
+    # Memory keeps its own limits, as they were: a machine's load does not move it, so the
+    # NOISE margin measured on timed ratios does not apply.
+    loose = 4.0 if quick else 2.0
     for phase in ("save_growth_mib", "resume_growth_mib"):
         over = [
             r.__getattribute__(phase) - (r.share_mib or 0)

@@ -1,16 +1,20 @@
-"""The measured methods (`METHODS`: name -> plain function) and the processes that time them.
+"""The measured methods (`METHODS`), what runs after each load (`AFTER`), and the processes
+that time them.
 
 `python -m benchmarks.methods serve` imports the libraries once, then forks a fresh child per
-JSON `Job` line of stdin; the child times the method and the touch (or forward pass), reads its
-peak memory, checks every tensor against the files, and the server prints its `Sample` line.
-Forking a server that only imported gives every sample the same start without ~8 s of imports
-each. `python -m benchmarks.methods JOB` runs one job in this fresh process (end-to-end rows).
+JSON `Job` line of stdin; the child times the load and then the job's `after` work (every
+weight read, a first forward pass or a first training step) on one clock, reads its peak
+memory, checks every tensor against the files (or, after a step, records the loss), and the
+server prints its `Sample` line. Forking a server that only imported gives every sample the
+same start without ~8 s of imports each. `python -m benchmarks.methods JOB` runs one job in
+this fresh process (end-to-end rows).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import importlib
 import importlib.util
@@ -20,10 +24,10 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 import msgspec
 
@@ -31,32 +35,36 @@ if TYPE_CHECKING:
     import torch
 
 PAGE: Final = 4096
-READ_CHUNK: Final = 1 << 30  # one read(2) returns at most ~2 GiB on Linux; stay below
 PREAD_THREADS: Final = 8
 PREAD_CHUNK: Final = 16 << 20
-Mode = Literal["warm", "cold", "forward", "e2e"]
+TOKENS: Final = 16  # the forward pass's and the training step's sequence length
+Cache = Literal["warm", "cold", "e2e"]
+After = Literal["none", "read", "forward", "step", "touch"]
 # The pread floor's buffers, made by the server: a forked child starts with its own copy of
 # them (`copy_heap`), so the floor times reading, not first-touching 128 MiB of buffers.
 PREAD_BUFFERS: Final[list[bytearray]] = []
 
 
 class Job(msgspec.Struct, frozen=True):
-    """One measurement: a method on a model folder; cold evicts the files from the page cache."""
+    """One measurement: a method on a model folder, then `after` on the model it returned, one
+    clock; cold evicts the files from the page cache first, e2e times a fresh `python`."""
 
     method: str
     folder: str
-    mode: Mode = "warm"
+    after: After = "none"
+    cache: Cache = "warm"
 
 
 class Sample(msgspec.Struct, frozen=True):
     """What one child measured. Seconds; resident memory in MiB."""
 
-    load_s: float = 0.0  # the method until it returns
-    after_s: float = 0.0  # then touching every weight, or the first forward pass
+    load_s: float = 0.0  # the method until it returns (0 for a method loaded before the clock)
+    after_s: float = 0.0  # then the job's `after` work
     rss_start_mib: float = 0.0  # RSS when the clock started (libraries imported)
     rss_peak_mib: float = 0.0  # peak RSS at the end of the measured part
     wall_end: float = 0.0  # time.time() at the end, for the end-to-end rows
-    resident: float | None = None  # share of the weight pages still cached after eviction
+    cached: float | None = None  # share of the weight pages still cached after eviction
+    loss: float | None = None  # the loss of a first training step
     problems: list[str] = []  # wrong weights, or the error that stopped the method
 
 
@@ -69,19 +77,8 @@ def weight_files(folder: Path) -> list[Path]:
     return [folder / "model.safetensors"]
 
 
-def floor_read(folder: Path) -> None:
-    """Floor: read the weight files into one preallocated buffer, one thread."""
-    files = weight_files(folder)
-    view = memoryview(bytearray(sum(p.stat().st_size for p in files)))
-    done = 0
-    for path in files:
-        with path.open("rb", buffering=0) as f:
-            while n := f.readinto(view[done : done + READ_CHUNK]):
-                done += n
-
-
 def floor_mmap(folder: Path) -> None:
-    """Floor: map the weight files and read one byte per page."""
+    """Bytes floor, warm: map the weight files and read one byte per page."""
     for path in weight_files(folder):
         with (
             path.open("rb") as f,
@@ -92,7 +89,8 @@ def floor_mmap(folder: Path) -> None:
 
 
 def floor_pread(folder: Path) -> None:
-    """Floor: 8 threads of `preadv` in 16 MiB chunks, each into its own reused buffer."""
+    """Bytes floor, cold: 8 threads of `preadv` in 16 MiB chunks, each into its own reused
+    buffer, allocated before the clock (`PREAD_BUFFERS`)."""
     fds = [os.open(path, os.O_RDONLY) for path in weight_files(folder)]
     try:
         chunks = [(fd, at) for fd in fds for at in range(0, os.fstat(fd).st_size, PREAD_CHUNK)]
@@ -113,11 +111,11 @@ def floor_pread(folder: Path) -> None:
             os.close(fd)
 
 
-def wmtp_load(folder: Path, dtype: str | None = None) -> torch.nn.Module:
+def wmtp_load(folder: Path, dtype: str | None = None, train: bool = False) -> torch.nn.Module:
     """`wmtp.load` on the folder."""
     import wmtp
 
-    return wmtp.load(str(folder), dtype=dtype)
+    return wmtp.load(str(folder), dtype=dtype, train=train)
 
 
 def build(folder: Path) -> torch.nn.Module:
@@ -193,17 +191,49 @@ def hf_load(folder: Path) -> torch.nn.Module:
     return model
 
 
-# Floors return None: no model to touch or check.
-METHODS: Final[dict[str, Callable[[Path], torch.nn.Module | None]]] = {
-    "read": floor_read,
-    "mmap": floor_mmap,
-    "pread8": floor_pread,
-    "wmtp": wmtp_load,
-    "wmtp-bf16": lambda folder: wmtp_load(folder, "bfloat16"),
-    "idiom": idiom,
-    "runai": lambda folder: idiom(folder, stream_files),
-    "old": old_method,
-    "hf": hf_load,
+def idiom_bf16(folder: Path) -> torch.nn.Module:
+    """The idiom, then `model.to(torch.bfloat16)`: what a user writes for a bf16 model."""
+    import torch
+
+    return idiom(folder).to(torch.bfloat16)
+
+
+def resident(folder: Path) -> torch.nn.Module:
+    """The compute baseline, loaded before the clock: the idiom's model with every tensor
+    cloned into fresh anonymous memory (a tie stays one tensor) and every byte read once, so
+    the timed work meets no file, no page fault on a weight and no copy-on-write."""
+    import torch
+
+    model, clones = idiom(folder), dict[int, torch.Tensor]()
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.data_ptr() not in clones:
+                clones[tensor.data_ptr()] = tensor.detach().clone()
+            tensor.data = clones[tensor.data_ptr()]  # the same Parameter: ties and grads kept
+    read_weights(model)
+    return model
+
+
+class Method(NamedTuple):
+    """How a job loads: a function of the folder (floors return no model)."""
+
+    load: Callable[[Path], torch.nn.Module | None]
+    dtype: str | None = None  # the dtype its weights must have, when it casts
+    clocked: bool = True  # False: loaded before the clock, only the `after` work is timed
+
+
+METHODS: Final[dict[str, Method]] = {
+    "mmap": Method(floor_mmap),
+    "pread8": Method(floor_pread),
+    "resident": Method(resident, clocked=False),
+    "wmtp": Method(wmtp_load),
+    "wmtp-bf16": Method(functools.partial(wmtp_load, dtype="bfloat16"), "bfloat16"),
+    "wmtp-train": Method(functools.partial(wmtp_load, train=True)),
+    "idiom": Method(idiom),
+    "idiom-bf16": Method(idiom_bf16, "bfloat16"),
+    "runai": Method(functools.partial(idiom, read=stream_files)),
+    "old": Method(old_method),
+    "hf": Method(hf_load),
 }
 
 
@@ -266,21 +296,63 @@ def evict(folder: Path) -> float:
     return resident_share(weight_files(folder))
 
 
-def touch(model: torch.nn.Module) -> None:
-    """Read one element per 4 KiB page of every weight, so mapped weights are resident."""
+def distinct(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Each tensor of the model's state dict once: the names of a tie share one."""
     seen: set[int] = set()
     for tensor in model.state_dict().values():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
-            float(tensor.reshape(-1)[:: max(1, PAGE // tensor.element_size())].float().sum())
+            yield tensor
+
+
+def read_weights(model: torch.nn.Module) -> None:
+    """Read every byte of every weight once."""
+    for tensor in distinct(model):
+        float(tensor.float().sum())
 
 
 def forward(model: torch.nn.Module) -> None:
-    """One forward pass on 16 tokens, without gradients."""
+    """One forward pass on `TOKENS` tokens, without gradients, in eval mode."""
     import torch
 
+    model.eval()  # every method alike: a model built by hand is in train mode (dropout on)
     with torch.no_grad():
-        model(input_ids=torch.arange(16).unsqueeze(0))
+        model(input_ids=torch.arange(TOKENS).unsqueeze(0))
+
+
+def step(model: torch.nn.Module) -> float:
+    """A first training step on `TOKENS` tokens: AdamW made, forward with labels, backward,
+    the optimizer's step (which writes every weight); the loss."""
+    import torch
+
+    ids = torch.arange(TOKENS).unsqueeze(0)
+    torch.manual_seed(0)  # the same dropout masks in every method: first losses compare bitwise
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss = model(input_ids=ids, labels=ids)["loss"]
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def touch(model: torch.nn.Module) -> None:
+    """Diagnostic only: read one element per 4 KiB page of every weight (no target uses it)."""
+    for tensor in distinct(model):
+        float(tensor.reshape(-1)[:: max(1, PAGE // tensor.element_size())].float().sum())
+
+
+def nothing(model: torch.nn.Module) -> None:
+    """No work after the load."""
+
+
+# What a job times after its load, on the same clock; a step returns its loss.
+AFTER: Final[dict[After, Callable[[torch.nn.Module], float | None]]] = {
+    "none": nothing,
+    "read": read_weights,
+    "forward": forward,
+    "step": step,
+    "touch": touch,
+}
 
 
 def verify(model: torch.nn.Module, folder: Path, dtype: str | None) -> list[str]:
@@ -317,20 +389,20 @@ def verify(model: torch.nn.Module, folder: Path, dtype: str | None) -> list[str]
 
 
 def measure(job: Job) -> Sample:
-    """Time the job's method, then touch (or run forward), then check the weights."""
-    folder = Path(job.folder)
-    resident = evict(folder) if job.mode == "cold" else None
+    """Time the job's load and its `after` work on one clock, then check the weights (a step
+    changed them: its loss is compared across methods instead)."""
+    folder, method = Path(job.folder), METHODS[job.method]
+    ready = None if method.clocked else method.load(folder)
+    cached = evict(folder) if job.cache == "cold" else None
     start_rss = reset_peak()
     t0 = time.perf_counter()
-    model = METHODS[job.method](folder)
+    model = method.load(folder) if method.clocked else ready
     t1 = time.perf_counter()
-    if model is not None:
-        (forward if job.mode == "forward" else touch)(model)
+    loss = None if model is None else AFTER[job.after](model)
     t2 = time.perf_counter()
     wall_end, peak = time.time(), status_mib("VmHWM")  # before the check, which reads again
-    dtype = "bfloat16" if job.method.endswith("bf16") else None
-    problems = [] if model is None else verify(model, folder, dtype)
-    return Sample(t1 - t0, t2 - t1, start_rss, peak, wall_end, resident, problems)
+    problems = [] if model is None or job.after == "step" else verify(model, folder, method.dtype)
+    return Sample(t1 - t0, t2 - t1, start_rss, peak, wall_end, cached, loss, problems)
 
 
 def run(job: Job) -> bytes:

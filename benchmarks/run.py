@@ -1,8 +1,12 @@
-"""Load time, memory and lines of `wmtp.load` against floors and other ways to load a model.
+"""What a trainer waits for: a load and then every weight read, a first forward pass or a
+first training step, on one clock, for `wmtp.load` against floors (bytes + the work's own
+compute), the idiom a user would write, the loader it replaces and `from_pretrained`; memory,
+import time and lines.
 
 `python -m benchmarks.run` (full) or `--quick` (CI). Prints Markdown and writes
-`benchmarks/results/<full|quick>.{json,md,png}`; exits 1 when a target is missed past its
-limit, a method fails, or a loaded model has wrong weights.
+`benchmarks/results/<full|quick>.{json,md,png}`; exits 1 when a target fails (past its goal
+widened by `harness.NOISE`, or not measured), a method fails, a loaded model has wrong weights,
+or a first training step's loss differs from the reference method's.
 """
 
 from __future__ import annotations
@@ -12,64 +16,134 @@ import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import itertools
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final, cast
+from typing import Final, NamedTuple
 
 import msgspec
 
 from benchmarks import harness, lines
 from benchmarks.harness import MIB, REPO, Target, median, progress, ratio, target
-from benchmarks.methods import Job, Mode, Sample
-from benchmarks.models import SPECS, Model, Spec, ensure_model
+from benchmarks.methods import METHODS, After, Cache, Job, Sample
+from benchmarks.models import SPECS, Model, ensure_model
 
-QUICK: Final = ("small", "hf-small")
+QUICK: Final = ("198m", "hf-small")
 FULL: Final = ("small", "198m", "198m-sharded", "1b", "hf-distilgpt2")
-MTP_JOBS: Final = ("read", "mmap", "pread8", "wmtp", "wmtp-bf16", "idiom", "old")
-COLD_JOBS: Final = ("pread8 cold", "wmtp cold", "idiom cold")
-HF_QUICK: Final = ("read", "mmap", "wmtp", "hf")
-HF_FULL: Final = (*HF_QUICK, "idiom", "old", "wmtp forward", "hf forward")
+E2E_MODEL: Final = "198m"
+METRICS: Final[tuple[After, ...]] = ("read", "forward", "step")
+TRAIN: Final[tuple[After, ...]] = ("forward", "step")
+BOTH: Final[tuple[Cache, ...]] = ("warm", "cold")
+
+
+class Plan(NamedTuple):
+    """The jobs of one method on one family of models: each `after` in each cache mode."""
+
+    family: str
+    method: str
+    afters: tuple[After, ...]
+    caches: tuple[Cache, ...]
+    needs: str = ""  # a module the method needs: full runs only, when it is installed
+
+
+PLANS: Final = (
+    Plan("mtp", "pread8", ("none",), ("cold",)),
+    Plan("mtp", "mmap", ("none",), ("warm",)),
+    Plan("mtp", "resident", METRICS, ("warm",)),
+    Plan("mtp", "wmtp", METRICS, BOTH),
+    Plan("mtp", "idiom", METRICS, BOTH),
+    Plan("mtp", "wmtp-train", ("step",), BOTH),
+    Plan("mtp", "wmtp-bf16", TRAIN, BOTH),
+    Plan("mtp", "idiom-bf16", TRAIN, BOTH),
+    Plan("mtp", "old", TRAIN, ("warm",)),
+    Plan("mtp", "runai", TRAIN, BOTH, needs="runai_model_streamer"),
+    Plan("mtp", "wmtp", ("forward",), ("e2e",)),
+    Plan("mtp", "old", ("forward",), ("e2e",)),
+    Plan("hf", "wmtp", TRAIN, BOTH),
+    Plan("hf", "hf", TRAIN, BOTH),
+    Plan("hf", "idiom", TRAIN, BOTH),
+)
+# Quick runs (CI) keep these jobs per family: a first forward cold and warm, a first step
+# warm, what their targets divide by, and the jobs of the memory targets (with bf16's ratio).
+# E2e jobs run where `--e2e` asks (full runs: on E2E_MODEL).
+QUICK_JOBS: Final = {
+    "mtp": frozenset(
+        (
+            "pread8 cold",
+            "mmap warm",
+            *(f"resident {a} warm" for a in TRAIN),
+            *(f"{m} forward {c}" for m in ("wmtp", "idiom") for c in BOTH),
+            *(f"{m} step warm" for m in ("wmtp", "wmtp-train", "idiom")),
+            "wmtp read warm",
+            *(f"{m} forward warm" for m in ("wmtp-bf16", "idiom-bf16")),
+        )
+    ),
+    "hf": frozenset(f"{m} {a} warm" for m in ("wmtp", "hf", "idiom") for a in TRAIN),
+}
 LABELS: Final = {
-    "read": "floor: read the files into a buffer",
-    "mmap": "floor: mmap, touch every page",
-    "pread8": "floor: 8-thread pread, 16 MiB chunks",
+    "pread8": "bytes floor, cold: 8-thread preadv, buffers made before the clock",
+    "mmap": "bytes floor, warm: mmap, touch every page",
+    "floor": "**floor**: bytes floor + resident compute",
+    "resident": "resident: weights cloned into anonymous memory before the clock",
     "wmtp": "wmtp.load",
+    "wmtp-train": "wmtp.load train=True: pages copied private up front",
     "wmtp-bf16": "wmtp.load dtype=bf16",
     "idiom": "idiom: meta build, load_file, load_state_dict(assign=True), re-tie",
+    "idiom-bf16": "idiom, then model.to(bfloat16)",
     "runai": "idiom with the Run:ai Model Streamer",
     "old": "old method: random init, load_file, load_state_dict",
     "hf": "from_pretrained",
 }
-FLOORS: Final = {"": "read", "forward": "read", "cold": "pread8 cold"}
-SUFFIX: Final = {"": "", "cold": ", cold cache", "forward": " + first forward", "e2e": ", e2e"}
-# Median ratios: (name, numerator, denominator, goal, limit); 'JOB' is until materialised,
-# 'JOB returns' until the call returned; a limit under the goal makes it an at-least target.
+BYTES_FLOOR: Final = {"warm": "mmap warm", "cold": "pread8 cold"}
+IDIOM: Final = {"wmtp-bf16": "idiom-bf16", "idiom-bf16": "idiom-bf16"}  # else "idiom"
+# Whose first-step loss the others on the same model and dtype must equal: the first present.
+REFERENCE: Final = ("resident", "idiom", "idiom-bf16")
+
+
+class Ratio(NamedTuple):
+    """A timed target: one job's median total over the sum of others' (a floor: bytes floor +
+    resident compute), for each after and cache listed ({after} and {cache} in the names)."""
+
+    family: str
+    numerator: str
+    denominator: tuple[str, ...]
+    goal: float
+    afters: tuple[After, ...] = TRAIN
+    caches: tuple[Cache, ...] = ("warm",)
+    at_least: bool = False
+
+
 RATIOS: Final = (
-    ("materialised wmtp.load / read floor", "wmtp", "read", 1.25, 2.5),
-    ("old method / materialised wmtp.load", "old", "wmtp", 3.0, 1.5),
-    ("wmtp.load until it returns / old method", "wmtp returns", "old", 0.1, 0.2),
-    ("materialised wmtp.load / idiom", "wmtp", "idiom", 1.0, 2.0),
-    ("cold: materialised wmtp.load / idiom", "wmtp cold", "idiom cold", 1.0, 2.0),
-    ("cold: materialised wmtp.load / 8-thread pread", "wmtp cold", "pread8 cold", 1.15, 2.3),
-    ("wmtp.load / from_pretrained, materialised", "wmtp", "hf", 1.05, 1.5),
-    ("wmtp.load / from_pretrained, until return", "wmtp returns", "hf returns", 1.05, 1.5),
-    ("wmtp.load / from_pretrained, first forward", "wmtp forward", "hf forward", 1.05, 1.5),
+    Ratio("mtp", "wmtp {after} {cache}", ("idiom {after} {cache}",), 1.0, caches=BOTH),
+    Ratio("mtp", "wmtp {after} cold", ("pread8 cold", "resident {after} warm"), 1.15),
+    Ratio("mtp", "wmtp-bf16 {after} {cache}", ("idiom-bf16 {after} {cache}",), 1.0, caches=BOTH),
+    Ratio("mtp", "old forward warm", ("wmtp forward warm",), 3.0, at_least=True),
+    Ratio("mtp", "old step warm", ("wmtp step warm",), 1.0, at_least=True),
+    Ratio("hf", "wmtp {after} {cache}", ("hf {after} {cache}",), 1.05, caches=BOTH),
 )
+MEMORY_JOBS: Final = ("wmtp read", "wmtp-bf16 forward")  # added RSS <= model + 300 MiB
 NOTES: Final = """\
-- Median of {runs} runs per job, jobs interleaved (the order rotating). Each run is a fresh
+- Median of {runs} runs per job, jobs interleaved (a new order each round). Each run is a fresh
   process forked from a server that imported torch, transformers (GPT-2), safetensors and wmtp
   before any clock; e2e rows are a fresh `python` timed from spawn, imports included.
-- returns: until the call returned; materialised: until one element per 4 KiB page of every
-  weight was read as well. Every tensor is compared with the files after the clock stops.
+- One clock per sample: the load, then its metric: *read* (every weight summed), *forward*
+  (one forward pass, 16 tokens, eval mode, no grad) or *step* (a first training step: AdamW
+  made, forward with labels, backward, `step()`, which writes every weight). *load s*, until
+  the load returned, is information only: no target uses it.
+- After the clock every tensor is compared with the files; after a step, whose weights
+  changed, its loss is compared with the reference's (resident, else the idiom) bitwise.
 - Warm: the files in the page cache. Cold: evicted just before the clock (`posix_fadvise`
-  DONTNEED, checked with `mincore`). x floor: warm rows against the read floor, cold rows
-  against cold 8-thread pread. added RSS: peak RSS (VmHWM) minus RSS when the clock started."""
+  DONTNEED, checked with `mincore`). *resident*: the idiom's weights cloned into anonymous
+  memory before the clock, only the metric timed: the work's own compute. *floor*: the bytes
+  floor (warm: mmap and touch every page; cold: 8-thread preadv) plus that compute.
+- x idiom: against the idiom (bf16 rows: idiom then `.to(bfloat16)`), same metric and cache.
+  added RSS: peak RSS (VmHWM) minus RSS when the clock started."""
 
 
 class Row(msgspec.Struct, frozen=True):
@@ -77,14 +151,19 @@ class Row(msgspec.Struct, frozen=True):
 
     model: str
     job: str
+    method: str
+    after: str
+    cache: str
+    dtype: str
     label: str
     runs: int
-    returns_s: float | None
-    total_s: float | None  # until materialised (or the first forward pass, or end to end)
+    load_s: float | None  # until the load returned (0 where it ran before the clock)
+    total_s: float | None  # load + after, one clock (e2e: from spawn)
     rss_peak_mib: float | None
     rss_added_mib: float | None
     cached_after_evict: float | None  # the most of any run, for cold jobs
-    times_s: list[float]
+    losses: list[float]  # a step's loss, per run
+    totals_s: list[float | None]  # per round; None where the sample failed
     problems: list[str]
 
 
@@ -96,6 +175,7 @@ class Record(msgspec.Struct, frozen=True):
     command: str
     machine: str
     runs: int
+    noise: float
     models: list[Model]
     rows: list[Row]
     import_s: dict[str, float | None]  # bare interpreter, with `import wmtp`, the difference
@@ -104,17 +184,23 @@ class Record(msgspec.Struct, frozen=True):
     failures: list[str]
 
 
-def plan(spec: Spec, quick: bool, e2e: bool) -> list[str]:
-    """The jobs measured on a model: 'METHOD' or 'METHOD MODE'."""
-    if spec.family == "hf":
-        return list(HF_QUICK if quick else HF_FULL)
-    runai = not quick and importlib.util.find_spec("runai_model_streamer") is not None
-    return [
-        *MTP_JOBS,
-        *COLD_JOBS,
-        *(["runai", "runai cold"] if runai else []),
-        *(["wmtp e2e", "old e2e"] if e2e else []),
-    ]
+def job_name(method: str, after: str, cache: str) -> str:
+    """'METHOD [AFTER] CACHE': a floor has no after."""
+    return " ".join(word for word in (method, after, cache) if word != "none")
+
+
+def plan(model: Model, quick: bool, e2e: bool) -> dict[str, Job]:
+    """The jobs measured on a model, by name, in `PLANS` order."""
+    jobs = {}
+    for p in PLANS:
+        wanted = p.family == model.spec.family
+        if p.needs:  # full runs only, when installed
+            wanted = wanted and not quick and importlib.util.find_spec(p.needs) is not None
+        for after, cache in itertools.product(p.afters, p.caches) if wanted else ():
+            name = job_name(p.method, after, cache)
+            if {"e2e": e2e}.get(cache, not quick or name in QUICK_JOBS[p.family]):
+                jobs[name] = Job(p.method, model.folder, after, cache)
+    return jobs
 
 
 def end_to_end(job: Job) -> Sample:
@@ -130,7 +216,7 @@ def end_to_end(job: Job) -> Sample:
 
 def ask(server: subprocess.Popen[bytes], job: Job) -> Sample:
     """One job in a child forked by the measuring server (`methods.serve`)."""
-    if job.mode == "e2e":
+    if job.cache == "e2e":
         return end_to_end(job)
     assert server.stdin is not None and server.stdout is not None  # opened as pipes
     try:
@@ -150,58 +236,97 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def run_job(server: subprocess.Popen[bytes], model: Model, key: str) -> Sample:
+def run_job(server: subprocess.Popen[bytes], model: Model, name: str, job: Job) -> Sample:
     """One sample of one job, with a progress line."""
-    method, _, mode = key.partition(" ")
-    sample = ask(server, Job(method, model.folder, cast(Mode, mode or "warm")))
-    if mode == "cold":
+    sample = ask(server, job)
+    if job.cache == "cold":
         warm(Path(model.folder))  # a cold job that failed half way left it partly cold
     shown = sample.problems[0] if sample.problems else f"{sample.load_s + sample.after_s:.3f} s"
-    progress(f"{model.spec.name}: {key}: {shown}")
+    progress(f"{model.spec.name}: {name}: {shown}")
     return sample
 
 
-def summarise(model: Model, key: str, samples: Sequence[Sample]) -> Row:
+def summarise(model: Model, name: str, job: Job, samples: Sequence[Sample]) -> Row:
     """The row of one job."""
-    method, _, mode = key.partition(" ")
     good = [s for s in samples if not s.problems]
-    totals = [s.load_s + s.after_s for s in good]
-    cached = [s.resident for s in samples if s.resident is not None]
+    cached = [s.cached for s in samples if s.cached is not None]
     return Row(
         model=model.spec.name,
-        job=key,
-        label=LABELS[method] + SUFFIX[mode],
+        job=name,
+        method=job.method,
+        after=job.after,
+        cache=job.cache,
+        dtype=METHODS[job.method].dtype or "float32",
+        label=LABELS[job.method],
         runs=len(good),
-        returns_s=None if mode == "e2e" else median(s.load_s for s in good),
-        total_s=median(totals),
+        load_s=median(s.load_s for s in good) if METHODS[job.method].clocked else None,
+        total_s=median(s.load_s + s.after_s for s in good),
         rss_peak_mib=median(s.rss_peak_mib for s in good),
         rss_added_mib=median(s.rss_peak_mib - s.rss_start_mib for s in good),
         cached_after_evict=max(cached, default=None),
-        times_s=totals,
+        losses=[s.loss for s in good if s.loss is not None],
+        totals_s=[None if s.problems else s.load_s + s.after_s for s in samples],
         problems=sorted({p for s in samples for p in s.problems})[:5],
     )
 
 
-def model_targets(model: Model, rows: dict[str, Row]) -> list[Target]:
+def total(rows: Mapping[str, Row], names: Sequence[str]) -> float | None:
+    """The sum of the jobs' median totals; None when one is unknown."""
+    values = [rows[name].total_s for name in names]
+    return None if None in values else sum(v for v in values if v is not None)
+
+
+def ratio_targets(model: Model, rows: Mapping[str, Row]) -> list[Target]:
+    """The timed targets (`RATIOS`) whose jobs were all planned on the model, named by them."""
+    out = {}
+    for r in (r for r in RATIOS if r.family == model.spec.family):
+        for after, cache in itertools.product(r.afters, r.caches):
+            top, *bottom = (
+                n.format(after=after, cache=cache) for n in (r.numerator, *r.denominator)
+            )
+            if top in rows and all(name in rows for name in bottom):
+                under = " + ".join(bottom)
+                what = f"{top} / ({under})" if len(bottom) > 1 else f"{top} / {under}"
+                value = ratio(rows[top].total_s, total(rows, bottom))
+                out[what] = target(model.spec.name, what, value, r.goal, at_least=r.at_least)
+    return list(out.values())
+
+
+def model_targets(model: Model, rows: Mapping[str, Row]) -> list[Target]:
     """The targets that apply to what was measured on the model."""
-
-    def seconds(key: str) -> float | None:
-        row = rows[key.removesuffix(" returns")]
-        return row.returns_s if key.endswith(" returns") else row.total_s
-
-    name, out = model.spec.name, []
-    for what, a, b, goal, limit in RATIOS:
-        if a.removesuffix(" returns") in rows and b.removesuffix(" returns") in rows:
-            out.append(target(name, what, ratio(seconds(a), seconds(b)), goal, limit))
+    name, out = model.spec.name, ratio_targets(model, rows)
     allowed = model.weight_bytes / MIB + 300
-    for job in ("wmtp", "wmtp-bf16"):
-        if job in rows:
-            what = f"RSS added by {job} + touch (MiB) <= model + 300 MiB"
-            out.append(target(name, what, rows[job].rss_added_mib, allowed, 1.25 * allowed))
-    cold = [r.cached_after_evict for r in rows.values() if r.job.endswith(" cold")]
+    for row in rows.values():
+        if f"{row.method} {row.after}" in MEMORY_JOBS and row.cache != "e2e":
+            # Peak RSS counts pages, which a busy machine does not add: the 300 MiB in the goal
+            # is the only slack, no NOISE margin.
+            what = f"RSS added by {row.job} (MiB) <= model + 300 MiB"
+            out.append(target(name, what, row.rss_added_mib, allowed, allowed))
+    cold = [r.cached_after_evict for r in rows.values() if r.cache == "cold"]
     if cold:  # not measured when every cold job failed before its clock
+        # A goal of 0 widens to 0: any page still cached makes a cold row partly warm.
         most = max((c for c in cold if c is not None), default=None)
-        out.append(target(name, "share of weight pages cached after eviction", most, 0, 0.05))
+        out.append(target(name, "share of weight pages cached after eviction", most, 0))
+    return out
+
+
+def loss_problems(rows: Sequence[Row]) -> list[str]:
+    """First-step losses that are not bitwise the reference's (`REFERENCE`) on the same model
+    and dtype: the same weights must give the same loss whichever way they were loaded."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        if row.losses:
+            groups.setdefault((row.model, row.dtype), []).append(row)
+    rank, out = {method: i for i, method in enumerate(REFERENCE)}, []
+    for group in groups.values():
+        reference = min(group, key=lambda r: rank.get(r.method, len(rank)))
+        want = reference.losses[0]
+        for row in group:
+            if any(loss != want for loss in row.losses):
+                got = sorted(set(row.losses))
+                out.append(
+                    f"{row.model}: {row.job}: first-step loss {got} != {reference.job}'s {want!r}"
+                )
     return out
 
 
@@ -218,25 +343,39 @@ def import_wmtp_s(runs: int) -> tuple[float | None, float | None]:
     return median(got["pass"]), None if None in got["import wmtp"] else median(got["import wmtp"])
 
 
-def results_table(models: Sequence[Model], rows: Sequence[Row]) -> str:
-    """Per model and job: medians, ratios to the floor, the idiom and the old method, memory."""
-    by = {(r.model, r.job): r.total_s for r in rows}
-    size = {m.spec.name: f"{m.spec.name} ({m.weight_bytes / MIB:,.0f} MiB)" for m in models}
-    out = []
-    for r in rows:
-        mode = r.job.partition(" ")[2]
-        # Against the same mode of the idiom and the old method: cold with cold, e2e with e2e.
-        others = (FLOORS.get(mode, ""), f"idiom {mode}".strip(), f"old {mode}".strip())
-        ratios = [ratio(r.total_s, by.get((r.model, other))) for other in others]
-        memory = [r.rss_peak_mib, r.rss_added_mib, r.runs]
+def results_table(model: Model, rows: Sequence[Row]) -> str:
+    """One model's jobs: the bytes floors, then by metric and cache the floor and each method:
+    load and total medians, x idiom and x floor, memory."""
+    by = {r.job: r for r in rows}
+
+    def seconds(row: Row | None) -> float | None:
+        return row.total_s if row else None
+
+    def line(r: Row, idiom: Row | None, floor: float | None) -> list[object]:
         what = r.label + (f" (**{r.problems[0]}**)" if r.problems else "")
-        out.append([size[r.model], what, r.returns_s, r.total_s, *ratios, *memory])
-    header = ["model", "method", "returns s", "materialised s", "x floor", "x idiom", "x old"]
-    return harness.table([*header, "peak RSS MiB", "added RSS MiB", "runs"], out)
+        over = [ratio(r.total_s, seconds(idiom)), ratio(r.total_s, floor)]
+        memory = [r.rss_peak_mib, r.rss_added_mib, r.runs]
+        return [r.after.replace("none", "-"), r.cache, what, r.load_s, r.total_s, *over, *memory]
+
+    out = [line(r, None, None) for r in rows if r.after == "none"]
+    groups = dict.fromkeys((r.after, r.cache) for r in rows if r.after != "none")
+    for after, cache in sorted(groups, key=lambda g: (METRICS.index(g[0]), g[1] != "warm")):
+        names = (BYTES_FLOOR.get(cache, ""), job_name("resident", after, "warm"))
+        floor = total(by, names) if all(n in by for n in names) else None
+        if floor is not None:
+            over = ratio(floor, seconds(by.get(job_name("idiom", after, cache))))
+            out.append([after, cache, LABELS["floor"], None, floor, over, 1.0, None, None, None])
+        for r in (r for r in rows if (r.after, r.cache) == (after, cache)):
+            peer = by.get(job_name(IDIOM.get(r.method, "idiom"), after, cache))
+            out.append(line(r, peer, floor if r.dtype == "float32" else None))
+    header = ["metric", "cache", "method", "load s", "total s", "x idiom", "x floor"]
+    size = f"### {model.spec.name} ({model.weight_bytes / MIB:,.0f} MiB)"
+    return size + "\n\n" + harness.table([*header, "peak RSS MiB", "added RSS MiB", "runs"], out, 3)
 
 
 def chart(models: Sequence[Model], rows: Sequence[Row], path: Path) -> Path:
-    """Materialised medians against weight size, per job, on the single-file MTP models."""
+    """First-forward medians (load + forward) against weight size, per method and cache, on
+    the single-file MTP models."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,13 +383,13 @@ def chart(models: Sequence[Model], rows: Sequence[Row], path: Path) -> Path:
 
     size = {m.spec.name: m.weight_bytes / MIB for m in models if m.spec.family == "mtp"}
     fig, ax = plt.subplots(figsize=(9, 6))
-    for job in dict.fromkeys(r.job for r in rows if not r.job.endswith("e2e")):
+    for job in dict.fromkeys(r.job for r in rows if r.after == "forward" and r.cache != "e2e"):
         mine = [r for r in rows if r.job == job and r.total_s and r.model in size]
         points = sorted((size[r.model], r.total_s) for r in mine if not SPECS[r.model].shard_mib)
         if points:
-            style = "--" if "cold" in job else "-"
+            style = "--" if job.endswith("cold") else "-"
             ax.plot(*zip(*points, strict=True), marker="o", linestyle=style, label=job)
-    ax.set(xscale="log", yscale="log", xlabel="weights, MiB", ylabel="median s, materialised")
+    ax.set(xscale="log", yscale="log", xlabel="weights, MiB", ylabel="median s, load + forward")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path.with_suffix(".tmp"), format="png", dpi=100, bbox_inches="tight")
@@ -259,16 +398,21 @@ def chart(models: Sequence[Model], rows: Sequence[Row], path: Path) -> Path:
 
 
 def markdown(record: Record, lines_table: str) -> str:
-    """The report: notes, results, import time, targets, lines, failures."""
+    """The report: notes, results per model, import time, targets, lines, failures."""
     imports = {k: harness.fmt(v) for k, v in record.import_s.items()}
     parts = [
         f"## wmtp load benchmark ({record.mode}, {record.created})",
         f"`{record.command}` on {record.machine}",
         NOTES.format(runs=record.runs),
-        results_table(record.models, record.rows),
+        *(
+            results_table(m, [r for r in record.rows if r.model == m.spec.name])
+            for m in record.models
+        ),
         f"`import wmtp`: {imports['wmtp']} s, a bare interpreter {imports['bare']} s: "
         f"adds {imports['adds']} s.",
-        "### Targets\n\n" + harness.targets_table(record.targets),
+        f"### Targets\n\nA timed target fails past its goal widened by NOISE = {record.noise:.0%} "
+        "(within noise: missed, not failed); memory, eviction and lines have their own limit.\n\n"
+        + harness.targets_table(record.targets),
         "### Lines\n\n" + lines_table,
     ]
     if record.failures:
@@ -281,7 +425,6 @@ def measure(
 ) -> tuple[list[Model], list[Row]]:
     """Generate the models and measure their jobs, in children of one measuring server."""
     e2e = not args.quick if args.e2e is None else args.e2e
-    e2e_model = next((s for s in ("198m", *sizes) if s in sizes and SPECS[s].family == "mtp"), "")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="wmtp-bench-"))
     command, pipe = [sys.executable, "-m", "benchmarks.methods", "serve"], subprocess.PIPE
     server = subprocess.Popen(command, cwd=REPO, env=harness.child_env(), stdin=pipe, stdout=pipe)
@@ -290,11 +433,11 @@ def measure(
         for name in sizes:
             models.append(model := ensure_model(SPECS[name], root))
             progress(f"model {name}: {model.weight_bytes / MIB:,.0f} MiB in {model.folder}")
-            jobs = plan(model.spec, args.quick, e2e and name == e2e_model)
+            jobs = plan(model, args.quick, e2e and name == E2E_MODEL)
             warm(Path(model.folder))
-            run = {key: functools.partial(run_job, server, model, key) for key in jobs}
-            samples = harness.interleave(run, runs)
-            rows += [summarise(model, key, samples[key]) for key in jobs]
+            run = {k: functools.partial(run_job, server, model, k, job) for k, job in jobs.items()}
+            samples = harness.interleave(run, runs, shuffle=True)
+            rows += [summarise(model, k, job, samples[k]) for k, job in jobs.items()]
     finally:
         assert server.stdin is not None  # opened as a pipe
         with contextlib.suppress(BrokenPipeError):
@@ -306,7 +449,7 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; 0 when every target holds within its limit."""
+    """Run the benchmark; 0 when no target fails, no method fails and every check holds."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"CI: {', '.join(QUICK)}, 3 runs")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SPECS), metavar="NAME")
@@ -326,13 +469,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         core, others = [], []
     by_model = {m.spec.name: {r.job: r for r in rows if r.model == m.spec.name} for m in models}
     found = [t for m in models for t in model_targets(m, by_model[m.spec.name])]
-    found.append(target("-", "import wmtp over bare python (s)", adds, 0.15, 0.3))
+    found.append(target("-", "import wmtp over bare python (s)", adds, 0.15))
     core_lines = lines.total("core", core).lines if core else None
+    # A count: nothing makes it noisy, so no margin.
     found.append(
-        target("-", "lines of the loading core", core_lines, lines.CORE_AIM, lines.CORE_LIMIT)
+        target("-", "lines of the loading core", core_lines, lines.CORE_LIMIT, lines.CORE_LIMIT)
     )
-    failures = harness.failed(found)
-    failures += [f"{r.model}: {r.label}: {r.problems[0]}" for r in rows if r.problems]
+    failures = harness.failed(found) + loss_problems(rows)
+    failures += [f"{r.model}: {r.job}: {r.problems[0]}" for r in rows if r.problems]
     packages = ("torch", "transformers", "safetensors")
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in packages)
     record = Record(
@@ -341,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=" ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)]),
         machine=f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {versions}",
         runs=runs,
+        noise=harness.NOISE,
         models=models,
         rows=rows,
         import_s={"bare": bare, "wmtp": wmtp, "adds": adds},
