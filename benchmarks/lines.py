@@ -119,7 +119,8 @@ def markdown(core: Sequence[LineCount], others: Sequence[LineCount]) -> str:
         total(f"**loading core** (limit {CORE_LIMIT}, aim ~{CORE_AIM})", core),
         *on_demand,
         total(
-            "**imported by load when needed** (remote, failing load, parallelize, quantization, train)",
+            "**imported by load when needed** "
+            "(remote, failing load, parallelize, quantization, train)",
             on_demand,
         ),
         total("**everything load and resolve can import**", [*core, *on_demand]),

@@ -35,14 +35,15 @@ if TYPE_CHECKING:
     import torch
 
 PAGE: Final = 4096
-PREAD_THREADS: Final = 8
-PREAD_CHUNK: Final = 16 << 20
+# The cold bytes floor's readers (threads, chunk): which is fastest depends on the disk, so
+# both run and the faster median is the floor (run.py).
+PREADS: Final = {"pread8": (8, 16 << 20), "pread2": (2, 64 << 20)}
 TOKENS: Final = 16  # the forward pass's and the training step's sequence length
 Cache = Literal["warm", "cold", "e2e"]
 After = Literal["none", "read", "forward", "step", "touch"]
-# The pread floor's buffers, made by the server: a forked child starts with its own copy of
-# them (`copy_heap`), so the floor times reading, not first-touching 128 MiB of buffers.
-PREAD_BUFFERS: Final[list[bytearray]] = []
+# The pread floors' buffers, made by the server: a forked child starts with its own copy of
+# them (`copy_heap`), so a floor times reading, not first-touching 128 MiB of buffers.
+PREAD_BUFFERS: Final[dict[str, list[bytearray]]] = {}
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -88,23 +89,23 @@ def floor_mmap(folder: Path) -> None:
             view[::PAGE].tobytes()  # a strided copy in C faults every page in
 
 
-def floor_pread(folder: Path) -> None:
-    """Bytes floor, cold: 8 threads of `preadv` in 16 MiB chunks, each into its own reused
-    buffer, allocated before the clock (`PREAD_BUFFERS`)."""
+def floor_pread(folder: Path, reader: str) -> None:
+    """Bytes floor, cold: `PREADS[reader]` threads of `preadv` in chunks, each into its own
+    reused buffer, allocated before the clock (`PREAD_BUFFERS`)."""
+    threads, chunk = PREADS[reader]
     fds = [os.open(path, os.O_RDONLY) for path in weight_files(folder)]
     try:
-        chunks = [(fd, at) for fd in fds for at in range(0, os.fstat(fd).st_size, PREAD_CHUNK)]
-
-        buffers = PREAD_BUFFERS or [bytearray(PREAD_CHUNK) for _ in range(PREAD_THREADS)]
+        chunks = [(fd, at) for fd in fds for at in range(0, os.fstat(fd).st_size, chunk)]
+        buffers = PREAD_BUFFERS.get(reader) or [bytearray(chunk) for _ in range(threads)]
 
         def worker(first: int) -> int:
             buffer, done = buffers[first], 0
-            for fd, at in chunks[first::PREAD_THREADS]:
+            for fd, at in chunks[first::threads]:
                 done += os.preadv(fd, [buffer], at)
             return done
 
-        with ThreadPoolExecutor(PREAD_THREADS) as pool:
-            done = sum(pool.map(worker, range(PREAD_THREADS)))
+        with ThreadPoolExecutor(threads) as pool:
+            done = sum(pool.map(worker, range(threads)))
         assert done == sum(os.fstat(fd).st_size for fd in fds), "short read"
     finally:
         for fd in fds:
@@ -224,7 +225,7 @@ class Method(NamedTuple):
 
 METHODS: Final[dict[str, Method]] = {
     "mmap": Method(floor_mmap),
-    "pread8": Method(floor_pread),
+    **{name: Method(functools.partial(floor_pread, reader=name)) for name in PREADS},
     "resident": Method(resident, clocked=False),
     "wmtp": Method(wmtp_load),
     "wmtp-bf16": Method(functools.partial(wmtp_load, dtype="bfloat16"), "bfloat16"),
@@ -434,7 +435,7 @@ def copy_heap() -> None:
 def serve() -> None:
     """Import the libraries, then run each job line of stdin in a forked child."""
     import_libraries()
-    PREAD_BUFFERS.extend(bytearray(PREAD_CHUNK) for _ in range(PREAD_THREADS))
+    PREAD_BUFFERS.update({k: [bytearray(c) for _ in range(n)] for k, (n, c) in PREADS.items()})
     gc.freeze()  # a collection in a child would otherwise touch, and copy, the whole heap
     for line in sys.stdin.buffer:
         job = msgspec.json.decode(line, type=Job)
