@@ -139,8 +139,8 @@ RATIOS: Final = (
 )
 MEMORY_JOBS: Final = ("wmtp read", "wmtp-bf16 forward")  # added RSS <= model + 300 MiB
 NOTES: Final = """\
-- Median of {runs} runs per job, in rounds: metric by metric, each after an untimed sample
-  of one of its jobs, the jobs in a new random order (`rounds`). Each run is a fresh
+- Median of {runs} runs per job, in rounds: by metric and cache, each group after an untimed
+  sample of one of its jobs, its jobs in a new random order (`rounds`). Each run is a fresh
   process forked from a server that imported torch, transformers (GPT-2), safetensors and wmtp
   before any clock; e2e rows are a fresh `python` timed from spawn, imports included.
 - One clock per sample: the load, then its metric: *read* (every weight summed), *forward*
@@ -260,22 +260,22 @@ def run_job(server: subprocess.Popen[bytes], model: Model, name: str, job: Job) 
 def rounds(
     run: Mapping[str, Callable[[], Sample]], jobs: Mapping[str, Job], runs: int
 ) -> dict[str, list[Sample]]:
-    """`runs` samples of every job, round by round, metric by metric; each metric after an
-    untimed sample of one of its jobs, its jobs in a new random order.
+    """`runs` samples of every job, round by round, in groups of one metric and cache; each
+    group after an untimed sample of one of its jobs, its jobs in a new random order.
 
-    A sample runs faster right after a heavy one (a first step on the 198M model: 2.0-2.3 s
+    A sample runs faster right after one like it (a first step on the 198M model: 2.0-2.3 s
     right after another, 3.0-3.2 s after 8 s idle, on the 2-core machine). Rotating a fixed
     order (`harness.interleave`) keeps each job behind the same neighbour, a bias that no
     spread across runs shows; here every timed sample follows one of its own kind.
     """
     out: dict[str, list[Sample]] = {name: [] for name in run}
-    by_after: dict[str, list[str]] = {}
+    groups: dict[tuple[str, str], list[str]] = {}
     for name, job in jobs.items():
-        by_after.setdefault(job.after, []).append(name)
+        groups.setdefault((job.after, job.cache), []).append(name)
     for _ in range(runs):
-        for after, names in by_after.items():
+        for (after, cache), names in groups.items():
             order = random.sample(names, len(names))
-            progress(f"untimed, so that every {after} sample follows one of its kind:")
+            progress(f"untimed, so that every {after} {cache} sample follows one like it:")
             run[order[0]]()
             for name in order:
                 out[name].append(run[name]())
