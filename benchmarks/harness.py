@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -59,26 +58,18 @@ def child_env() -> dict[str, str]:
 
 
 def interleave(
-    jobs: Mapping[str, Callable[[], T]], runs: int, warmup: int = 0, shuffle: bool = False
+    jobs: Mapping[str, Callable[[], T]], runs: int, warmup: int = 0
 ) -> dict[str, list[T]]:
-    """`runs` results of every job, one of each per round, the order rotating round by round
-    (with `shuffle`, a new random order each round, different in every run).
+    """`runs` results of every job, one of each per round, the order rotating round by round.
 
     Interleaving spreads the slow drifts of a shared machine over all jobs alike, and rotating
-    keeps a first-in-round effect off any one job. Rotating keeps each job's predecessor,
-    though, and a job runs faster right after a heavy one (a first training step on the 198M
-    model: 2.0-2.3 s right after another, 3.0-3.2 s after 8 s idle, on the 2-core machine):
-    shuffling makes that noise across runs, not a bias of every run alike. The first `warmup`
-    rounds are dropped.
+    keeps a first-in-round effect off any one job. The first `warmup` rounds are dropped.
     """
     names = list(jobs)
     out: dict[str, list[T]] = {name: [] for name in names}
     for round_no in range(warmup + runs):
         shift = round_no % max(len(names), 1)
-        order = names[shift:] + names[:shift]
-        if shuffle:
-            random.shuffle(order)
-        for name in order:
+        for name in names[shift:] + names[:shift]:
             result = jobs[name]()
             if round_no >= warmup:
                 out[name].append(result)

@@ -4,6 +4,7 @@ trained on the CPU (`load(train=True)`), in bulk instead of one fault per page."
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
 POPULATE_WRITE: Final = 23  # MADV_POPULATE_WRITE (Linux 5.14); Python's mmap lacks the name
 SPAN: Final = 16 << 20
 THREADS: Final = 4
-PAGE: Final = 4096  # alignment only: madvise wants a page-aligned start
 
 
 def populate(tensors: Iterable[torch.Tensor]) -> None:
@@ -38,7 +38,9 @@ def populate(tensors: Iterable[torch.Tensor]) -> None:
     for tensor in tensors:  # DTensors (sharded) answer 0: their local shards are copies anyway
         if tensor.device.type == "cpu" and (start := tensor.data_ptr()):
             end = start + tensor.nbytes
-            spans += [(at - at % PAGE, min(at + SPAN, end)) for at in range(start, end, SPAN)]
+            spans += [
+                (at - at % mmap.PAGESIZE, min(at + SPAN, end)) for at in range(start, end, SPAN)
+            ]
     with ThreadPoolExecutor(THREADS) as pool:  # ctypes lets go of the GIL during each call
         for low, high in spans:
             pool.submit(madvise, low, high - low, POPULATE_WRITE)
